@@ -1,0 +1,40 @@
+# solapi-gateway — every command does its own set-up on a fresh machine (python3 only).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test setup lint unit e2e lock clean
+
+run: $(STAMP)  ## the demo: sandbox upstream + gateway, prints curl lines
+	$(BIN)/solapi-gateway demo
+
+test: $(STAMP) lint  ## every test (unit, property, end-to-end)
+	$(BIN)/pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e"
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q -m e2e
+
+lock:  ## re-pin every dependency after changing pyproject.toml
+	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock
+	/tmp/sgw-lock/bin/pip install -q -e '.[test]'
+	/tmp/sgw-lock/bin/pip freeze --exclude-editable | grep -v '^solapi-gateway' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

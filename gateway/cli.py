@@ -1,0 +1,226 @@
+"""The ``solapi-gateway`` command (also ``python -m gateway``).
+
+    serve         run the gateway
+    demo          the sandbox plus a gateway wired to it, with curl lines to paste
+    sandbox       only the SOLAPI-compatible sandbox upstream
+    check-config  validate config and policy (exit 2 listing every problem)
+    sign          print an Authorization header for the configured credentials
+    token new     mint a bearer token and its policy entry
+
+Exit codes: 0 fine, 1 could not run (e.g. a port in use), 2 bad config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import __version__, config, demo, logs, sandbox, service
+from gateway.config import Settings
+from gateway.signing import Secret, format_date, new_salt, parse
+from gateway.yamlsource import ConfigError
+
+EXIT_CONFIG = 2
+_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_PRINCIPAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: int = uvloop.run(coro)
+    return result
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logs.setup()
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        logs.emit("config_error", errors=[str(p) for p in exc.problems])
+        return EXIT_CONFIG
+    return _run(service.serve(settings))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logs.setup()
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    return _run(demo.run(settings))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    logs.setup()
+    parsed = config.parse_address(args.listen)
+    if isinstance(parsed, str):
+        print(f"--listen: {parsed}", file=sys.stderr)
+        return EXIT_CONFIG
+    secret = demo.DEMO_API_SECRET
+    if args.api_secret_file:
+        try:
+            with open(args.api_secret_file, encoding="utf-8") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            print(f"--api-secret-file: cannot read it: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+    elif os.environ.get("SANDBOX_API_SECRET"):
+        secret = os.environ["SANDBOX_API_SECRET"].strip()
+    keys = {args.api_key: Secret(secret)}
+
+    async def main() -> int:
+        try:
+            await sandbox.run_sandbox(parsed.host, parsed.port, keys, delay_s=args.delay_s)
+        except OSError as exc:
+            logs.emit("start_failed", error=f"cannot listen on {parsed}: {exc.strerror or exc}")
+            return 1
+        return 0
+
+    try:
+        return _run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    print(summary(settings))
+    return 0
+
+
+def summary(s: Settings) -> str:
+    policy = s.policy
+    key = s.signer.api_key
+    shown_key = key[:4] + "…" if len(key) > 4 else "…"
+    trusted = "off"
+    if policy.trusted_headers is not None:
+        t = policy.trusted_headers
+        trusted = f"{t.principal}/{t.role} from {', '.join(str(n) for n in t.sources)}"
+    lines = [
+        f"{s.config_path}: OK",
+        f"  listen {s.listen}, admin {s.admin_listen}",
+        f"  upstream {s.upstream.url} (connect {s.upstream.connect_timeout_s:g}s,"
+        f" timeout {s.upstream.timeout_s:g}s)",
+        f"  credentials: api key {shown_key}, secret from {s.secret_source}",
+        f"  max body {s.max_body_bytes} bytes, shutdown grace {s.shutdown_grace_s:g}s",
+        f"  policy {s.policy_path}: roles {' < '.join(policy.roles)}; "
+        f"{len(policy.principals)} principal(s); trusted headers {trusted}",
+        f"  {len(policy.routes)} route(s):",
+    ]
+    for r in policy.routes:
+        rule = ""
+        if r.batch is not None:
+            unique = ", unique" if r.batch.unique else ""
+            rule = f"  batch {r.batch.field}: 1..{r.batch.max_items}{unique}"
+        lines.append(f"    {r.name}: {r.method} {r.path}  {r.min_role}+{rule}")
+    return "\n".join(lines)
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    date = args.date or format_date(datetime.now(UTC))
+    salt = args.salt or new_salt()
+    header = settings.signer.header_for(date, salt)
+    try:  # refuse to print what SOLAPI would reject as malformed
+        parse(header)
+    except Exception as exc:
+        print(f"sign: {exc} (check --date and --salt)", file=sys.stderr)
+        return EXIT_CONFIG
+    print(header)
+    return 0
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    if not _PRINCIPAL.fullmatch(args.principal):
+        print("--principal: letters, digits and ._@- only", file=sys.stderr)
+        return EXIT_CONFIG
+    if not _ROLE.fullmatch(args.role):
+        print("--role: a role is a letter then letters, digits, _ or -", file=sys.stderr)
+        return EXIT_CONFIG
+    token = "sgw_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(token)
+    print(
+        "\n# The token above is shown once; only its SHA-256 is kept.",
+        "# Add this entry under `principals:` in policy.yaml, then reload (SIGHUP):",
+        f"  - name: {args.principal}",
+        f"    role: {args.role}",
+        f'    token_sha256: "{digest}"',
+        sep="\n",
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="solapi-gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"solapi-gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str, default: str = config.DEFAULT_CONFIG) -> Any:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", default=default, help=f"config file (default {default})")
+        return cmd
+
+    serve = with_config("serve", "run the gateway")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(func=cmd_serve)
+    with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG).set_defaults(
+        func=cmd_demo
+    )
+    sb = sub.add_parser("sandbox", help="run only the SOLAPI-compatible sandbox upstream")
+    sb.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default %(default)s)")
+    sb.add_argument("--api-key", default=demo.DEMO_API_KEY, help="accepted key (default: demo)")
+    sb.add_argument(
+        "--api-secret-file",
+        help="file holding the accepted secret (else $SANDBOX_API_SECRET, else the demo secret)",
+    )
+    sb.add_argument("--delay-s", type=float, default=0.0, help="answer this much later")
+    sb.set_defaults(func=cmd_sandbox)
+    with_config("check-config", "validate config and policy").set_defaults(func=cmd_check_config)
+    sign = with_config("sign", "print an Authorization header")
+    sign.add_argument("--date", help="ISO 8601 date to sign (default: now, UTC)")
+    sign.add_argument("--salt", help="salt to sign (default: 32 random hex digits)")
+    sign.set_defaults(func=cmd_sign)
+    token = sub.add_parser("token", help="bearer tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = token_sub.add_parser("new", help="print a new random token and its policy entry")
+    new.add_argument("--principal", required=True)
+    new.add_argument("--role", required=True)
+    new.set_defaults(func=cmd_token_new)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "workers", 1) < 1:
+        print("--workers: must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Errors the gateway answers itself.
+
+Every rejection is one ``GatewayError`` subclass; the server turns it into
+``{"errorCode": ..., "errorMessage": ...}`` plus ``X-Gateway-Error``. The
+``code`` is the contract's errorCode, the class name says the same thing.
+
+    GatewayError
+    ├── BadRequest (400)
+    │   ├── InvalidPath
+    │   ├── InvalidJSON
+    │   ├── InvalidBody
+    │   ├── BatchEmpty
+    │   ├── BatchTooLarge
+    │   ├── InvalidItem
+    │   └── DuplicateItems
+    ├── Unauthorized (401)          reason: for the log only, never the caller
+    ├── Forbidden (403)
+    ├── RouteNotFound (404)
+    ├── MethodNotAllowed (405)      carries the Allow header
+    ├── PayloadTooLarge (413)
+    ├── UnsupportedMediaType (415)
+    ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
+    ├── ShuttingDown (503)
+    └── UpstreamTimeout (504)       kind: timeout
+
+Upstream's own error answers are not GatewayErrors: they pass through as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "InternalError"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+        # Why the gateway said no, in words for the operator's log. For 401s this
+        # is the only place the real reason goes: the caller learns nothing.
+        self.reason = reason
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"errorCode": self.code, "errorMessage": self.message}
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+class BadRequest(GatewayError):
+    status = 400
+
+
+class InvalidPath(BadRequest):
+    code = "InvalidPath"
+
+
+class InvalidJSON(BadRequest):
+    code = "InvalidJSON"
+
+
+class InvalidBody(BadRequest):
+    code = "InvalidBody"
+
+
+class BatchEmpty(BadRequest):
+    code = "BatchEmpty"
+
+
+class BatchTooLarge(BadRequest):
+    code = "BatchTooLarge"
+
+
+class InvalidItem(BadRequest):
+    code = "InvalidItem"
+
+
+class DuplicateItems(BadRequest):
+    code = "DuplicateItems"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "Unauthorized"
+
+    def __init__(self, reason: str) -> None:
+        # One message for every cause, so a caller cannot probe which check failed.
+        super().__init__("Authentication required or credentials not accepted.", reason=reason)
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "Forbidden"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    code = "RouteNotFound"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "MethodNotAllowed"
+
+    def __init__(self, method: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(
+            f"Method {method} is not allowed here; allowed: {', '.join(allowed)}.",
+            headers={"Allow": ", ".join(allowed)},
+        )
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "PayloadTooLarge"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "UnsupportedMediaType"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    code = "UpstreamUnavailable"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    code = "ShuttingDown"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "UpstreamTimeout"

@@ -1,0 +1,65 @@
+"""Which headers cross the gateway, in each direction.
+
+Upstream gets an allow-list, not a deny-list: a header nobody thought of
+(a new identity header, a cookie variant, a tracing header holding a token)
+stays behind unless the operator names it in ``forward_headers``. The caller's
+``Authorization`` never goes on: the gateway adds its own, signed afresh.
+
+Downstream, upstream's answer comes back whole except for hop-by-hop headers,
+which describe one connection and not the message.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Final
+
+from multidict import CIMultiDict, MultiMapping
+
+from gateway.config import ALWAYS_FORWARDED, HOP_BY_HOP
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def request_id(headers: MultiMapping[str]) -> str:
+    """The caller's X-Request-ID if it is exactly one sane value, else a new one."""
+    given = headers.getall("X-Request-ID", ())
+    if len(given) == 1 and _REQUEST_ID.fullmatch(given[0]):
+        return given[0]
+    return uuid.uuid4().hex
+
+
+def upstream_headers(
+    incoming: MultiMapping[str],
+    forward: tuple[str, ...],
+    request_id: str,
+    authorization: str,
+) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name in ALWAYS_FORWARDED:
+        for value in incoming.getall(name, ()):
+            out.add(name, value)
+    for name in forward:
+        for value in incoming.getall(name, ()):
+            out.add(name, value)
+    out["X-Request-ID"] = request_id
+    out["Authorization"] = authorization
+    return out
+
+
+def downstream_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
+    # Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    named = {
+        token.strip().lower()
+        for value in upstream.getall("Connection", ())
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in named or lowered == "x-request-id":
+            continue
+        out.add(name, value)
+    out["X-Request-ID"] = request_id
+    return out

@@ -1,0 +1,98 @@
+"""Who is calling: the first step of every request after the target check.
+
+Three ways in, tried in this order:
+
+1. ``Authorization: Bearer <token>``: the token's SHA-256 is looked up in the
+   policy. An unknown token is 401 even if other identity is present.
+2. ``Authorization: HMAC-SHA256 ...``: an internal key pair used through an
+   official SDK, verified exactly as SOLAPI (and the sandbox) verify it.
+3. The trusted identity headers, only when the TCP peer address is in the
+   policy's ``sources``. They are ignored whenever an Authorization is present.
+
+Anything else is 401. The caller only ever learns "Unauthorized"; the reason
+goes to the access log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from multidict import MultiMapping
+
+from gateway.errors import Unauthorized
+from gateway.policy import Policy
+from gateway.signing import Rejected, Verifier
+
+_MAX_TOKEN_CHARS: Final = 4096
+_PRINCIPAL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: str
+    role: str
+    via: str  # "token", "hmac" or "trusted-headers"
+
+
+def identify(
+    headers: MultiMapping[str],
+    peer: str | None,
+    policy: Policy,
+    verifier: Verifier,
+    now: float,
+) -> Caller:
+    authorizations = headers.getall("Authorization", ())
+    if len(authorizations) > 1:
+        raise Unauthorized("several Authorization headers")
+    if authorizations:
+        return _from_authorization(authorizations[0], policy, verifier, now)
+    trusted = policy.trusted_headers
+    if trusted is None:
+        raise Unauthorized("no credentials")
+    principals = headers.getall(trusted.principal, ())
+    roles = headers.getall(trusted.role, ())
+    if not principals and not roles:
+        raise Unauthorized("no credentials")
+    if not trusted.trusts(peer):
+        raise Unauthorized("identity headers from an untrusted peer")
+    if len(principals) != 1 or len(roles) != 1:
+        raise Unauthorized("identity headers must each be sent exactly once")
+    principal, role = principals[0], roles[0]
+    if not _PRINCIPAL.fullmatch(principal):
+        raise Unauthorized("malformed principal header")
+    if role not in policy.rank:
+        raise Unauthorized("unknown role in the role header")
+    return Caller(principal, role, "trusted-headers")
+
+
+def _from_authorization(value: str, policy: Policy, verifier: Verifier, now: float) -> Caller:
+    scheme, _, credentials = value.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        token = credentials.strip()
+        if not token or len(token) > _MAX_TOKEN_CHARS:
+            raise Unauthorized("malformed bearer token")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        principal = policy.by_token.get(digest)
+        if principal is None:
+            raise Unauthorized("unknown bearer token")
+        return Caller(principal.name, principal.role, "token")
+    if scheme == "hmac-sha256":
+        try:
+            creds = verifier.verify(value, now)
+        except Rejected as exc:
+            raise Unauthorized(f"HMAC {exc.code}: {exc.reason}") from None
+        principal = policy.by_hmac_key.get(creds.api_key)
+        if principal is None:  # the verifier knew the key, so the policy changed under it
+            raise Unauthorized("HMAC key no longer in the policy")
+        return Caller(principal.name, principal.role, "hmac")
+    raise Unauthorized("unsupported Authorization scheme")
+
+
+def verifier_for(policy: Policy, previous: Verifier | None = None) -> Verifier:
+    """A verifier for the policy's internal keys that keeps the replay memory across reloads."""
+    secrets = {p.hmac_key: p.hmac_secret for p in policy.principals if p.hmac_key and p.hmac_secret}
+    return Verifier(secrets, replay=previous.replay if previous is not None else None)

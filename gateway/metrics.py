@@ -1,0 +1,121 @@
+"""Prometheus metrics, exactly the names and labels of the contract.
+
+Labels stay bounded: ``route`` is a route name from the policy or
+``unmatched``; ``method`` is one of the HTTP methods the policy knows, else
+``OTHER``; ``code`` is an errorCode; ``kind`` one of four words. Nothing from
+a request is used as a label verbatim.
+
+With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set before this
+module is imported and each scrape sums the workers' files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from gateway import __version__
+from gateway.policy import METHODS
+
+# From well under a millisecond (a rejection) to the longest upstream timeout.
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+)  # fmt: skip
+BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000)
+_METHODS: Final = frozenset(METHODS)
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+# The *_created series double the exposition and no dashboard here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Proxied requests answered, by route, method and status.",
+            ("route", "method", "status"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to the last byte of the answer.",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time spent on the upstream exchange, all attempts.",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_rejections_total",
+            "Errors the gateway answered itself, by errorCode.",
+            ("route", "code"),
+            registry=r,
+        )
+        self.batch_items = Histogram(
+            "gateway_batch_items",
+            "Items in batches that passed validation.",
+            ("route",),
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Failed upstream attempts, by kind.",
+            ("route", "kind"),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests",
+            "Proxied requests being handled now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads_total",
+            "Config reloads, by result.",
+            ("result",),
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "The running version.",
+            ("version",),
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        label = method if method in _METHODS else "OTHER"
+        self.requests.labels(route, label, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+
+
+def render(metrics: Metrics) -> bytes:
+    """The text exposition: this process's registry, or all workers' files."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(metrics.registry)

@@ -1,0 +1,403 @@
+"""The policy: who may call, which routes exist, and which role each route needs.
+
+Deny by default: a path that no route names is 404 ``RouteNotFound``, a known
+path with another method is 405 ``MethodNotAllowed``. Matching is exact and
+case-sensitive on the raw path the gateway will forward; ``{name}`` in a route
+path matches one whole, non-empty segment.
+
+``Policy`` is a frozen value built once per load; every lookup table the hot
+path needs (tokens by hash, routes by exact path, role ranks) is built here so
+a request only does dictionary lookups.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import yaml
+
+from gateway.errors import Forbidden, MethodNotAllowed, RouteNotFound
+from gateway.signing import Secret
+from gateway.yamlsource import Source
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+UNMATCHED = "unmatched"  # the metrics label of a request that matched no route
+
+_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_HMAC_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+_METHOD = re.compile("|".join(METHODS))
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NOT_IDENTITY_HEADERS = {
+    "authorization", "cookie", "host", "content-type", "content-length",
+    "transfer-encoding", "connection", "x-request-id",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    role: str
+    token_sha256: str | None = None
+    hmac_key: str | None = None
+    hmac_secret: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedHeaders:
+    principal: str
+    role: str
+    sources: tuple[IPNetwork, ...]
+
+    def trusts(self, peer: str | None) -> bool:
+        if not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.sources)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRule:
+    field: str
+    max_items: int
+    item_pattern: re.Pattern[str] | None
+    unique: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    method: str
+    path: str
+    min_role: str
+    batch: BatchRule | None = None
+    # One entry per segment: the literal text, or None for a ``{name}`` segment.
+    segments: tuple[str | None, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    roles: tuple[str, ...]
+    principals: tuple[Principal, ...]
+    trusted_headers: TrustedHeaders | None
+    routes: tuple[Route, ...]
+    rank: Mapping[str, int] = field(init=False, repr=False)
+    by_token: Mapping[str, Principal] = field(init=False, repr=False)
+    by_hmac_key: Mapping[str, Principal] = field(init=False, repr=False)
+    _exact: Mapping[str, tuple[Route, ...]] = field(init=False, repr=False)
+    _templates: Mapping[int, tuple[Route, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        put("rank", {role: i for i, role in enumerate(self.roles)})
+        put("by_token", {p.token_sha256: p for p in self.principals if p.token_sha256})
+        put("by_hmac_key", {p.hmac_key: p for p in self.principals if p.hmac_key})
+        exact: dict[str, tuple[Route, ...]] = {}
+        templates: dict[int, tuple[Route, ...]] = {}
+        for route in self.routes:
+            if None in route.segments:
+                n = len(route.segments)
+                templates[n] = (*templates.get(n, ()), route)
+            else:
+                exact[route.path] = (*exact.get(route.path, ()), route)
+        put("_exact", exact)
+        put("_templates", templates)
+
+    def candidates(self, path: str) -> list[Route]:
+        """Every route whose path matches, exact paths before templates."""
+        found = list(self._exact.get(path, ()))
+        if self._templates:
+            segments = path.split("/")
+            for route in self._templates.get(len(segments), ()):
+                if _segments_match(route.segments, segments):
+                    found.append(route)
+        return found
+
+    def match(self, method: str, path: str) -> Route:
+        """The route for this request, or RouteNotFound / MethodNotAllowed."""
+        routes = self.candidates(path)
+        for route in routes:
+            if route.method == method:
+                return route
+        if not routes:
+            raise RouteNotFound(f"No route for {path}.")
+        allowed = tuple(dict.fromkeys(r.method for r in routes))
+        raise MethodNotAllowed(method, allowed)
+
+    def authorize(self, route: Route, role: str) -> None:
+        if self.rank.get(role, -1) < self.rank[route.min_role]:
+            raise Forbidden(f"Route {route.name} needs role {route.min_role} or higher.")
+
+
+def _segments_match(template: tuple[str | None, ...], segments: list[str]) -> bool:
+    for want, got in zip(template, segments, strict=True):
+        if want is None:
+            if not got:
+                return False
+        elif want != got:
+            return False
+    return True
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+def load_policy(src: Source, root: yaml.Node) -> Policy | None:
+    keys = src.mapping(
+        root, "", required=("roles", "routes"), optional=("principals", "trusted_headers")
+    )
+    if keys is None:
+        return None
+    before = len(src.problems.items)
+    roles = _roles(src, keys["roles"]) if "roles" in keys else None
+    principals = _principals(src, keys.get("principals"), roles)
+    trusted = _trusted(src, keys["trusted_headers"]) if "trusted_headers" in keys else None
+    routes = _routes(src, keys["routes"], roles) if "routes" in keys else []
+    if len(src.problems.items) > before or roles is None:
+        return None
+    return Policy(tuple(roles), tuple(principals), trusted, tuple(routes))
+
+
+def _roles(src: Source, node: yaml.Node) -> list[str] | None:
+    roles: list[str] = []
+    ok = True
+    for path, item, value in src.strings(node, "roles"):
+        if not _ROLE.fullmatch(value):
+            src.error(item, path, "a role is a letter then letters, digits, _ or -")
+            ok = False
+        elif value in roles:
+            src.error(item, path, f"role {value} is listed twice")
+            ok = False
+        else:
+            roles.append(value)
+    if ok and not roles and isinstance(node, yaml.SequenceNode):
+        src.error(node, "roles", "list at least one role, lowest first")
+    return roles if ok and roles else None
+
+
+def _role_ref(src: Source, node: yaml.Node, path: str, roles: list[str] | None) -> str | None:
+    value = src.string(node, path)
+    if value is not None and roles is not None and value not in roles:
+        src.error(node, path, f"unknown role {value!r} (roles: {', '.join(roles)})")
+        return None
+    return value
+
+
+def _principals(src: Source, node: yaml.Node | None, roles: list[str] | None) -> list[Principal]:
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        return []
+    out: list[Principal] = []
+    names: set[str] = set()
+    hashes: set[str] = set()
+    keys_seen: set[str] = set()
+    for path, item in src.sequence(node, "principals"):
+        keys = src.mapping(
+            item,
+            path,
+            required=("name", "role"),
+            optional=("token_sha256", "hmac_key", "hmac_secret"),
+        )
+        if keys is None:
+            continue
+        name = _matching(src, keys, path, "name", _NAME, "a name is letters, digits and ._@-")
+        if name is not None and name in names:
+            src.error(keys["name"], f"{path}.name", f"principal {name} is listed twice")
+        role = _role_ref(src, keys["role"], f"{path}.role", roles) if "role" in keys else None
+        token_hash = hmac_key = None
+        hmac_secret: Secret | None = None
+        has_token, has_hmac = "token_sha256" in keys, "hmac_key" in keys or "hmac_secret" in keys
+        if has_token == has_hmac:
+            src.error(item, path, "give either token_sha256, or hmac_key with hmac_secret")
+        if has_token:
+            token_hash = _matching(
+                src, keys, path, "token_sha256", _SHA256, "must be 64 hex digits (SHA-256)"
+            )
+            if token_hash is not None:
+                token_hash = token_hash.lower()
+                if token_hash in hashes:
+                    src.error(keys["token_sha256"], f"{path}.token_sha256", "token used twice")
+                hashes.add(token_hash)
+        if has_hmac:
+            for part in ("hmac_key", "hmac_secret"):
+                if part not in keys:
+                    src.error(item, f"{path}.{part}", "required with an internal HMAC key pair")
+            if "hmac_key" in keys:
+                hmac_key = _matching(
+                    src, keys, path, "hmac_key", _HMAC_KEY, "letters, digits, _ and - only"
+                )
+                if hmac_key is not None and hmac_key in keys_seen:
+                    src.error(keys["hmac_key"], f"{path}.hmac_key", "key used twice")
+                keys_seen.add(hmac_key or "")
+            if "hmac_secret" in keys:
+                text = src.string(keys["hmac_secret"], f"{path}.hmac_secret", env=True)
+                if text is not None and not text.strip():
+                    src.error(keys["hmac_secret"], f"{path}.hmac_secret", "is empty")
+                elif text is not None:
+                    hmac_secret = Secret(text.strip())
+        if name is not None and role is not None:
+            names.add(name)
+            out.append(Principal(name, role, token_hash, hmac_key, hmac_secret))
+    return out
+
+
+def _matching(
+    src: Source,
+    keys: dict[str, yaml.Node],
+    path: str,
+    key: str,
+    pattern: re.Pattern[str],
+    message: str,
+) -> str | None:
+    """The string at ``key`` if present and fully matching ``pattern``."""
+    if key not in keys:
+        return None
+    here = f"{path}.{key}"
+    value = src.string(keys[key], here)
+    return src.checked(keys[key], here, value, lambda v: None if pattern.fullmatch(v) else message)
+
+
+def _header_name(src: Source, node: yaml.Node, path: str) -> str | None:
+    value = src.string(node, path)
+    if value is None:
+        return None
+    if not _HEADER_NAME.fullmatch(value):
+        src.error(node, path, "not a valid header name")
+        return None
+    if value.lower() in _NOT_IDENTITY_HEADERS:
+        src.error(node, path, f"{value} cannot carry identity")
+        return None
+    return value
+
+
+def _trusted(src: Source, node: yaml.Node) -> TrustedHeaders | None:
+    path = "trusted_headers"
+    keys = src.mapping(node, path, required=("principal", "role", "sources"))
+    if keys is None or len(keys) < 3:
+        return None
+    principal = _header_name(src, keys["principal"], f"{path}.principal")
+    role = _header_name(src, keys["role"], f"{path}.role")
+    if principal and role and principal.lower() == role.lower():
+        src.error(keys["role"], f"{path}.role", "must differ from the principal header")
+    sources: list[IPNetwork] = []
+    for item_path, item, value in src.strings(keys["sources"], f"{path}.sources"):
+        try:
+            sources.append(ipaddress.ip_network(value, strict=True))
+        except ValueError as exc:
+            src.error(item, item_path, f"not a CIDR network: {exc}")
+    if not sources and isinstance(keys["sources"], yaml.SequenceNode):
+        src.error(keys["sources"], f"{path}.sources", "list at least one network")
+    if principal is None or role is None or not sources:
+        return None
+    return TrustedHeaders(principal, role, tuple(sources))
+
+
+def route_path_problem(path: str) -> str | None:
+    if not path.startswith("/"):
+        return "must start with /"
+    if any(c in path for c in "%\\?#") or any(ord(c) <= 32 or ord(c) >= 127 for c in path):
+        return "must be a plain path: no %, \\, ?, #, spaces or non-ASCII"
+    segments = path.split("/")[1:]
+    if "" in segments[:-1]:
+        return "must not contain //"
+    if any(s in (".", "..") for s in segments):
+        return "must not contain . or .. segments"
+    params = []
+    for segment in segments:
+        m = _PARAM.fullmatch(segment)
+        if m:
+            params.append(m.group(1))
+        elif "{" in segment or "}" in segment:
+            return "a {name} placeholder must be a whole segment"
+    if len(params) != len(set(params)):
+        return "placeholder names must differ"
+    return None
+
+
+def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route]:
+    out: list[Route] = []
+    names: set[str] = set()
+    seen: set[tuple[str, tuple[str | None, ...]]] = set()
+    for path, item in src.sequence(node, "routes"):
+        keys = src.mapping(
+            item, path, required=("name", "method", "path", "min_role"), optional=("batch",)
+        )
+        if keys is None:
+            continue
+        route_path = None
+        name = _matching(
+            src, keys, path, "name", _ROUTE_NAME, "a route name is letters, digits and ._-"
+        )
+        if name == UNMATCHED:
+            src.error(keys["name"], f"{path}.name", f"{UNMATCHED!r} is reserved for metrics")
+            name = None
+        if name is not None and name in names:
+            src.error(keys["name"], f"{path}.name", f"route name {name} is used twice")
+            name = None
+        method = _matching(src, keys, path, "method", _METHOD, f"one of {', '.join(METHODS)}")
+        if "path" in keys:
+            route_path = src.checked(
+                keys["path"],
+                f"{path}.path",
+                src.string(keys["path"], f"{path}.path"),
+                route_path_problem,
+            )
+        min_role = (
+            _role_ref(src, keys["min_role"], f"{path}.min_role", roles)
+            if "min_role" in keys
+            else None
+        )
+        batch = _batch(src, keys["batch"], f"{path}.batch") if "batch" in keys else None
+        if route_path is not None:
+            segments = tuple(None if _PARAM.fullmatch(s) else s for s in route_path.split("/"))
+            if method is not None and (method, segments) in seen:
+                src.error(item, path, f"another route already serves {method} {route_path}")
+                continue
+            if method is not None:
+                seen.add((method, segments))
+        if None in (name, method, route_path, min_role) or ("batch" in keys and batch is None):
+            continue
+        assert name and method and route_path and min_role
+        names.add(name)
+        out.append(Route(name, method, route_path, min_role, batch, segments))
+    return out
+
+
+def _batch(src: Source, node: yaml.Node, path: str) -> BatchRule | None:
+    keys = src.mapping(
+        node, path, required=("field", "max_items"), optional=("item_pattern", "unique")
+    )
+    if keys is None or not {"field", "max_items"} <= keys.keys():
+        return None
+    field_name = src.string(keys["field"], f"{path}.field")
+    if field_name is not None and not field_name:
+        src.error(keys["field"], f"{path}.field", "is empty")
+        field_name = None
+    max_items = src.integer(keys["max_items"], f"{path}.max_items", minimum=1)
+    pattern: re.Pattern[str] | None = None
+    pattern_ok = True
+    if "item_pattern" in keys:
+        text = src.string(keys["item_pattern"], f"{path}.item_pattern")
+        pattern_ok = text is not None
+        if text is not None:
+            try:
+                pattern = re.compile(text)
+            except re.error as exc:
+                src.error(keys["item_pattern"], f"{path}.item_pattern", f"bad regex: {exc}")
+                pattern_ok = False
+    unique = src.boolean(keys["unique"], f"{path}.unique") if "unique" in keys else True
+    if field_name is None or max_items is None or not pattern_ok or unique is None:
+        return None
+    return BatchRule(field_name, max_items, pattern, unique)

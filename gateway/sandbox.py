@@ -1,0 +1,474 @@
+"""A small SOLAPI look-alike upstream, for the demo and the end-to-end tests.
+
+It verifies each API request's ``Authorization`` with the same ``Verifier`` the
+gateway uses for internal callers (every SDK dialect, 15-minute skew, no reuse),
+keeps records in memory with a 14-day trash, and remembers what it received so
+tests can check what the gateway really sent upstream. Errors look like SOLAPI's,
+``{"errorCode": ..., "errorMessage": ...}``: 401 ``Unauthorized`` (missing, repeated
+or garbled header; "권한이 없습니다."), 403 ``InvalidAPIKey``, ``SignatureDoesNotMatch``,
+``RequestTimeTooSkewed``, ``DuplicatedSignature``; then 400 ``ValidationError``,
+404 ``NotFound`` (unknown path or record), 405 ``MethodNotAllowed``.
+
+Endpoints; the response shapes are the sandbox's own, not SOLAPI's::
+
+    POST /crm-core/v1/records/bulk/restore  {"recordIds": [1-1000 strings]}
+      200 {"requestedCount": n, "restoredCount": r, "failedCount": n - r,
+           "results": [{"recordId": id, "result": R}, ...]}    (in request order)
+      R: restored | notDeleted (not in the trash) | notFound
+         | purged (deleted over 14 days ago, or permanently: gone for good)
+    POST /crm-core/v1/records/bulk/delete   {"recordIds": [...], "permanent": false}
+      200 {"requestedCount": n, "deletedCount": d, "failedCount": n - d, "results": [...]}
+      R: deleted (moved to the trash) | purged (permanent) | notFound
+         | alreadyDeleted (in the trash or purged already: unchanged)
+    DELETE /crm-core/v1/records/{id}          200 {"recordId": id, "result": R}; 404
+    POST /crm-core/v1/records/{id}/restore    200 {"recordId": id, "result": R}; 404
+    GET /crm-core/v1/records/trash?limit=100&offset=0      (limit 1-1000, offset >= 0)
+      200 {"totalCount": t, "limit": l, "offset": o,
+           "records": [{"recordId": id, "deletedAt": "...Z", "purgeAt": "...Z"}, ...]}
+      restorable records only, newest deletion first; ISO 8601 UTC with milliseconds.
+
+Introspection for tests, unsigned and not counted as API requests::
+
+    GET  /_sandbox/requests  {"count": n, "accepted": a, "requests": [last 5000]}
+      count includes rejected requests; accepted counts verified ones. An entry has
+      method, path (raw, no query), query (raw), headers (lowercased names, repeats
+      joined with ", "), body_sha256, body_length, verified, status (null while
+      still being answered), salt and api_key (null if the header did not parse).
+    POST /_sandbox/reset     clears that log and its counters; the records stay.
+
+Seed records, relative to the clock at ``build_app``: ``demo_record_id("TRASH", n)``
+for n in 1..1500, deleted 1 hour (n=1) to 13 days (n=1500) ago; ``"PURGE"`` 1..20,
+deleted 15-34 days ago; ``"ALIVE"`` 1..20, never deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+
+from gateway.signing import MALFORMED, Rejected, Secret, Verifier, parse
+
+RETENTION_S: Final = 14 * 24 * 3600
+ID_PREFIX: Final = "CRMRC2026112800000000"  # "CRMRC" and 16 digits; 11 characters follow
+TRASHED_COUNT: Final = 1500
+PURGED_COUNT: Final = 20
+ACTIVE_COUNT: Final = 20
+MAX_BATCH: Final = 1000
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+LOG_CAPACITY: Final = 5000
+# Well above the gateway's own body limit, so that limit is the one tests see.
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+INTROSPECTION_PREFIX: Final = "/_sandbox/"
+
+RecordKind = Literal["TRASH", "PURGE", "ALIVE"]
+_KINDS: Final = ("TRASH", "PURGE", "ALIVE")
+_HOUR: Final = 3600.0
+_DAY: Final = 24 * _HOUR
+_UNAUTHORIZED_MESSAGE: Final = "권한이 없습니다."
+_REJECTION_MESSAGES: Final = {
+    "InvalidAPIKey": "Invalid API key.",
+    "SignatureDoesNotMatch": "Signature does not match.",
+    "RequestTimeTooSkewed": "Request date is more than 15 minutes off the server time.",
+    "DuplicatedSignature": "This signature was already used within 15 minutes.",
+}
+_DIGITS = re.compile(r"[0-9]{1,9}")
+# ensure_ascii=False: the 401 message goes out as the Korean text SOLAPI sends.
+_dumps = functools.partial(json.dumps, ensure_ascii=False)
+
+
+def demo_record_id(kind: RecordKind, n: int) -> str:
+    """The id of seed record ``n`` of a kind, e.g. ``CRMRC2026112800000000TRASH000001``."""
+    if kind not in _KINDS or not 1 <= n <= 999_999:
+        raise ValueError(f"no demo record {kind!r} {n}")
+    return f"{ID_PREFIX}{kind}{n:06d}"
+
+
+@dataclass(slots=True)
+class Record:
+    record_id: str
+    deleted_at: float | None = None  # None: active; -inf: deleted permanently
+
+    def state(self, now: float) -> Literal["active", "trash", "purged"]:
+        if self.deleted_at is None:
+            return "active"
+        # Purging is judged lazily against the clock, so a test that moves its
+        # fake clock past the retention sees the record GC'd without any timer.
+        return "trash" if now - self.deleted_at <= RETENTION_S else "purged"
+
+
+class RecordStore:
+    """Records by id. Every operation takes ``now``; nothing here reads a clock."""
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        self._records = {record.record_id: record for record in records}
+
+    @classmethod
+    def seeded(cls, start: float) -> RecordStore:
+        records: list[Record] = []
+        span = 13 * _DAY - _HOUR
+        for n in range(1, TRASHED_COUNT + 1):
+            # Spread evenly so that moving the clock ahead purges the oldest first.
+            age = _HOUR + span * (n - 1) / (TRASHED_COUNT - 1)
+            records.append(Record(demo_record_id("TRASH", n), start - age))
+        for n in range(1, PURGED_COUNT + 1):
+            records.append(Record(demo_record_id("PURGE", n), start - (14 + n) * _DAY))
+        for n in range(1, ACTIVE_COUNT + 1):
+            records.append(Record(demo_record_id("ALIVE", n)))
+        return cls(records)
+
+    def restore(self, record_id: str, now: float) -> str:
+        record = self._records.get(record_id)
+        if record is None:
+            return "notFound"
+        state = record.state(now)
+        if state == "active":
+            return "notDeleted"
+        if state == "purged":
+            return "purged"
+        record.deleted_at = None
+        return "restored"
+
+    def delete(self, record_id: str, now: float, *, permanent: bool) -> str:
+        record = self._records.get(record_id)
+        if record is None:
+            return "notFound"
+        state = record.state(now)
+        if state == "purged":
+            return "alreadyDeleted"
+        if permanent:
+            record.deleted_at = float("-inf")
+            return "purged"
+        if state == "trash":
+            return "alreadyDeleted"
+        record.deleted_at = now
+        return "deleted"
+
+    def trash(self, now: float) -> list[tuple[str, float]]:
+        """Restorable records as (id, deleted_at), most recently deleted first."""
+        found = [
+            (record.record_id, record.deleted_at)
+            for record in self._records.values()
+            if record.deleted_at is not None and record.state(now) == "trash"
+        ]
+        found.sort(key=lambda item: (-item[1], item[0]))
+        return found
+
+
+@dataclass(slots=True)
+class ReceivedRequest:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body_sha256: str
+    body_length: int
+    salt: str | None
+    api_key: str | None
+    verified: bool = False
+    status: int | None = None
+
+
+@dataclass(slots=True)
+class RequestLog:
+    count: int = 0
+    accepted: int = 0
+    entries: deque[ReceivedRequest] = field(default_factory=lambda: deque(maxlen=LOG_CAPACITY))
+
+    def add(self, entry: ReceivedRequest) -> None:
+        self.count += 1
+        self.entries.append(entry)
+
+    def reset(self) -> None:
+        self.count = 0
+        self.accepted = 0
+        self.entries.clear()
+
+    def as_json(self) -> dict[str, Any]:
+        entries = [dataclasses.asdict(entry) for entry in self.entries]
+        return {"count": self.count, "accepted": self.accepted, "requests": entries}
+
+
+def _received(request: web.Request, body: bytes, authorizations: list[str]) -> ReceivedRequest:
+    api_key = salt = None
+    if len(authorizations) == 1:
+        try:
+            creds = parse(authorizations[0])
+        except Rejected:
+            pass
+        else:
+            api_key, salt = creds.api_key, creds.salt
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    # raw_path is the request target as sent, query included and nothing decoded.
+    path, _, query = request.raw_path.partition("?")
+    return ReceivedRequest(
+        method=request.method,
+        path=path,
+        query=query,
+        headers=headers,
+        body_sha256=hashlib.sha256(body).hexdigest(),
+        body_length=len(body),
+        salt=salt,
+        api_key=api_key,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxState:
+    verifier: Verifier
+    clock: Callable[[], float]
+    delay_s: float
+    records: RecordStore
+    log: RequestLog
+
+
+STATE: Final = web.AppKey("sandbox_state", SandboxState)
+
+
+class _ApiError(Exception):
+    def __init__(self, message: str, status: int = 400, code: str = "ValidationError") -> None:
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+def _json(data: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"errorCode": code, "errorMessage": message}, status)
+
+
+def _rejection(code: str) -> web.Response:
+    if code == MALFORMED:
+        return _error(401, MALFORMED, _UNAUTHORIZED_MESSAGE)
+    # Fixed messages only: the verifier's reason text never reaches a caller.
+    return _error(403, code, _REJECTION_MESSAGES.get(code, "Forbidden."))
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    codes = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}
+    return _error(exc.status, codes.get(exc.status, "HTTPError"), exc.reason)
+
+
+@web.middleware
+async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(INTROSPECTION_PREFIX):
+        return await handler(request)
+    state = request.app[STATE]
+    response: web.StreamResponse | None = None
+    try:
+        # Raw bytes first, so body_sha256 is of exactly what arrived.
+        body = await request.read()
+    except web.HTTPException as exc:  # larger than client_max_size
+        body, response = b"", _http_error(exc)
+    authorizations = request.headers.getall(hdrs.AUTHORIZATION, [])
+    entry = _received(request, body, authorizations)
+    state.log.add(entry)
+    if response is None:
+        response = _refusal(state, authorizations)
+    if response is None:
+        entry.verified = True
+        state.log.accepted += 1
+        if state.delay_s:
+            await asyncio.sleep(state.delay_s)
+        response = await _routed(request, handler)
+    entry.status = response.status
+    return response
+
+
+def _refusal(state: SandboxState, authorizations: list[str]) -> web.Response | None:
+    """SOLAPI's answer to a header that does not verify; None if it does."""
+    try:
+        if len(authorizations) != 1:
+            raise Rejected(MALFORMED, "expected exactly one Authorization header")
+        state.verifier.verify(authorizations[0], state.clock())
+    except Rejected as exc:
+        return _rejection(exc.code)
+    return None
+
+
+async def _routed(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _ApiError as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:  # the router's own 404/405
+        return _http_error(exc)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        payload = json.loads((await request.read()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _ApiError("body must be JSON") from exc
+    if not isinstance(payload, dict):
+        raise _ApiError("body must be a JSON object")
+    return payload
+
+
+def _record_ids(payload: dict[str, Any]) -> list[str]:
+    ids = payload.get("recordIds")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_BATCH:
+        raise _ApiError(f"recordIds must be a list of 1 to {MAX_BATCH} ids")
+    if not all(isinstance(record_id, str) for record_id in ids):
+        raise _ApiError("every recordId must be a string")
+    return ids
+
+
+def _bulk(ids: list[str], results: list[str], count_name: str, success: set[str]) -> web.Response:
+    done = sum(result in success for result in results)
+    return _json(
+        {
+            "requestedCount": len(ids),
+            count_name: done,
+            "failedCount": len(ids) - done,
+            "results": [{"recordId": i, "result": r} for i, r in zip(ids, results, strict=True)],
+        }
+    )
+
+
+async def _bulk_restore(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ids = _record_ids(await _json_object(request))
+    now = state.clock()
+    results = [state.records.restore(record_id, now) for record_id in ids]
+    return _bulk(ids, results, "restoredCount", {"restored"})
+
+
+async def _bulk_delete(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    payload = await _json_object(request)
+    ids = _record_ids(payload)
+    permanent = payload.get("permanent", False)
+    if not isinstance(permanent, bool):
+        raise _ApiError("permanent must be true or false")
+    now = state.clock()
+    results = [state.records.delete(i, now, permanent=permanent) for i in ids]
+    return _bulk(ids, results, "deletedCount", {"deleted", "purged"})
+
+
+async def _one_record(request: web.Request) -> web.Response:
+    """DELETE one record, or POST .../restore it."""
+    state, record_id = request.app[STATE], request.match_info["recordId"]
+    if request.method == hdrs.METH_DELETE:
+        result = state.records.delete(record_id, state.clock(), permanent=False)
+    else:
+        result = state.records.restore(record_id, state.clock())
+    if result == "notFound":
+        raise _ApiError("record not found", 404, "NotFound")
+    return _json({"recordId": record_id, "result": result})
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise _ApiError(f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def _trash(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    limit = _query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = _query_int(request, "offset", 0, 0, 999_999_999)
+    found = state.records.trash(state.clock())
+    page = [
+        {"recordId": record_id, "deletedAt": _iso(deleted), "purgeAt": _iso(deleted + RETENTION_S)}
+        for record_id, deleted in found[offset : offset + limit]
+    ]
+    return _json({"totalCount": len(found), "limit": limit, "offset": offset, "records": page})
+
+
+async def _requests(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].log.as_json())
+
+
+async def _reset(request: web.Request) -> web.Response:
+    log = request.app[STATE].log
+    log.reset()
+    return _json({"count": log.count, "accepted": log.accepted})
+
+
+def build_app(
+    keys: dict[str, Secret],
+    *,
+    delay_s: float = 0.0,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The sandbox upstream, accepting signatures made with ``keys`` (apiKey → secret).
+
+    ``delay_s`` holds every verified request that long before it is answered, to
+    stand in for a slow upstream; rejections are answered at once.
+    """
+    if delay_s < 0:
+        raise ValueError("delay_s must not be negative")
+    app = web.Application(middlewares=[_api_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = SandboxState(
+        verifier=Verifier(dict(keys)),  # a ReplayCache of its own, per app
+        clock=clock,
+        delay_s=delay_s,
+        records=RecordStore.seeded(clock()),
+        log=RequestLog(),
+    )
+    # "bulk" first: the {recordId} template below would match it too.
+    app.router.add_post("/crm-core/v1/records/bulk/restore", _bulk_restore)
+    app.router.add_post("/crm-core/v1/records/bulk/delete", _bulk_delete)
+    app.router.add_get("/crm-core/v1/records/trash", _trash)
+    app.router.add_delete("/crm-core/v1/records/{recordId}", _one_record)
+    app.router.add_post("/crm-core/v1/records/{recordId}/restore", _one_record)
+    app.router.add_get(INTROSPECTION_PREFIX + "requests", _requests)
+    app.router.add_post(INTROSPECTION_PREFIX + "reset", _reset)
+    return app
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stderr.write(json.dumps(event) + "\n")
+    sys.stderr.flush()
+
+
+async def run_sandbox(
+    host: str,
+    port: int,
+    keys: dict[str, Secret],
+    *,
+    delay_s: float = 0.0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve the sandbox on host:port (0 picks a free port) until cancelled."""
+    runner = web.AppRunner(build_app(keys, delay_s=delay_s), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        actual = int(runner.addresses[0][1])
+        shown = f"[{host}]" if ":" in host else host
+        _emit({"event": "sandbox_ready", "listen": f"{shown}:{actual}"})
+        if ready is not None:
+            ready(actual)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        _emit({"event": "sandbox_stopped"})

@@ -1,0 +1,216 @@
+"""The proxy handler: it strings the request's walk together, nothing more.
+
+    target → identity → route → role → body → sign → forward → respond
+
+Each step lives in its own module and raises a ``GatewayError`` to say no;
+this module turns that into the JSON error, and for every request, answered
+or refused, writes one access-log line and the metrics.
+
+A request works on one snapshot of the loaded config (``Loaded``), taken when
+it starts, so a reload in the middle of it cannot mix old and new policy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import batch, logs
+from gateway.config import Settings
+from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown, UnsupportedMediaType
+from gateway.headers import downstream_headers, request_id, upstream_headers
+from gateway.identity import identify, verifier_for
+from gateway.metrics import Metrics
+from gateway.policy import UNMATCHED
+from gateway.signing import Verifier
+from gateway.target import split_target
+from gateway.upstream import Attempt, Upstream, failure
+
+_CHUNK = 64 * 1024
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    settings: Settings
+    verifier: Verifier
+
+
+@dataclass(slots=True)
+class Entry:
+    """One access-log line, filled in as the request walks."""
+
+    request_id: str
+    method: str
+    path: str
+    peer: str | None
+    route: str = UNMATCHED
+    principal: str | None = None
+    role: str | None = None
+    via: str | None = None
+    status: int = 0
+    errorCode: str | None = None  # the contract's spelling, as logged
+    reason: str | None = None
+    batch_items: int | None = None
+    duration_ms: float = 0.0
+    upstream_ms: float | None = None
+    upstream_status: int | None = None
+    attempts: int = 0
+
+
+class Gateway:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.loaded = Loaded(settings, verifier_for(settings.policy))
+        self.metrics = metrics
+        self.upstream = Upstream()
+        self.draining = False
+
+    def swap(self, settings: Settings) -> None:
+        """Use a newly loaded config from the next request on."""
+        self.loaded = Loaded(settings, verifier_for(settings.policy, self.loaded.verifier))
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        loaded = self.loaded
+        peer = request.remote
+        entry = Entry(request_id(request.headers), request.method, request.raw_path[:512], peer)
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._walk(request, loaded, entry)
+        except GatewayError as exc:
+            response = self._refuse(exc, entry)
+        finally:
+            self.metrics.in_flight.dec()
+        entry.status = response.status
+        self._finish(entry, time.perf_counter() - started)
+        return response
+
+    async def _walk(
+        self, request: web.BaseRequest, loaded: Loaded, entry: Entry
+    ) -> web.StreamResponse:
+        if self.draining:
+            raise ShuttingDown("The gateway is shutting down; retry on another instance.")
+        settings = loaded.settings
+        policy = settings.policy
+        path, _ = split_target(request.raw_path)
+        entry.path = path
+        caller = identify(request.headers, entry.peer, policy, loaded.verifier, time.time())
+        entry.principal, entry.role, entry.via = caller.principal, caller.role, caller.via
+        route = policy.match(request.method, path)
+        entry.route = route.name
+        policy.authorize(route, caller.role)
+        body = await read_body(request, settings.max_body_bytes)
+        if route.batch is not None:
+            batch.check_media(
+                request.headers.get("Content-Type"), request.headers.get("Content-Encoding")
+            )
+            entry.batch_items = batch.validate(body, route.batch)
+            self.metrics.batch_items.labels(route.name).observe(entry.batch_items)
+        elif request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            raise UnsupportedMediaType("Request bodies must not be compressed (Content-Encoding).")
+        return await self._forward(request, settings, body, entry)
+
+    async def _forward(
+        self, request: web.BaseRequest, settings: Settings, body: bytes, entry: Entry
+    ) -> web.StreamResponse:
+        headers = upstream_headers(
+            request.headers,
+            settings.forward_headers,
+            entry.request_id,
+            settings.signer.fresh_header(),
+        )
+        data = None if not body and request.method in _NO_BODY_METHODS else body
+        attempt = Attempt()
+        started = time.perf_counter()
+        try:
+            answer = await self.upstream.send(
+                settings.upstream, request.method, request.raw_path, headers, data, attempt
+            )
+        except GatewayError:
+            self._upstream_done(entry, attempt, started)
+            raise
+        entry.upstream_status = answer.status
+        response = web.StreamResponse(
+            status=answer.status,
+            reason=answer.reason,
+            headers=downstream_headers(answer.headers, entry.request_id),
+        )
+        try:
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(_CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # our write failed: the caller hung up
+            entry.reason = "caller went away before the answer was sent"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are already on their way: the only honest signal left is to
+            # cut the connection, so the caller sees a truncated answer, not a
+            # complete-looking one.
+            failure(exc, attempt)
+            entry.reason = f"upstream failed mid-body ({attempt.error_kind})"
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            answer.release()
+            self._upstream_done(entry, attempt, started)
+        return response
+
+    def _upstream_done(self, entry: Entry, attempt: Attempt, started: float) -> None:
+        seconds = time.perf_counter() - started
+        entry.upstream_ms = round(seconds * 1000, 3)
+        entry.attempts = attempt.attempts
+        self.metrics.upstream_duration.labels(entry.route).observe(seconds)
+        if attempt.error_kind is not None:
+            self.metrics.upstream_errors.labels(entry.route, attempt.error_kind).inc()
+
+    def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
+        entry.errorCode = exc.code
+        entry.reason = exc.reason
+        self.metrics.rejections.labels(entry.route, exc.code).inc()
+        return error_response(exc, entry.request_id, close=self.draining)
+
+    def _finish(self, entry: Entry, seconds: float) -> None:
+        entry.duration_ms = round(seconds * 1000, 3)
+        self.metrics.request(entry.route, entry.method, entry.status, seconds)
+        logs.emit("access", **_present(asdict(entry)))
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.Response:
+    response = web.Response(
+        status=exc.status,
+        body=orjson.dumps(exc.body()),
+        content_type="application/json",
+        headers={"X-Gateway-Error": exc.code, "X-Request-ID": rid, **exc.headers},
+    )
+    # After a refused or half-read body the connection's state is not worth
+    # trusting; and while draining, the caller should reconnect elsewhere.
+    if close or isinstance(exc, PayloadTooLarge | ShuttingDown):
+        response.force_close()
+    return response
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
+    too_large = PayloadTooLarge(f"The body is larger than {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,136 @@
+"""Running the gateway process: listeners, the admin port, signals.
+
+    SIGHUP           reload config, policy and secret file together; keep the
+                     old set if anything is invalid
+    SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
+                     finish within shutdown_grace_s, exit 0
+
+The admin listener (/healthz, /readyz, /metrics) is a separate aiohttp app on
+its own address, and keeps answering while the proxy drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway import __version__, config, logs
+from gateway.config import Settings
+from gateway.metrics import CONTENT_TYPE, Metrics, render
+from gateway.server import Gateway
+from gateway.yamlsource import ConfigError
+
+_GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def admin_app(gateway: Gateway) -> web.Application:
+    app = web.Application()
+    app[_GATEWAY] = gateway
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if request.app[_GATEWAY].draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = render(request.app[_GATEWAY].metrics)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def reload(gateway: Gateway) -> bool:
+    """Re-read everything the running config was loaded from; swap only if all is valid."""
+    current = gateway.loaded.settings
+    try:
+        fresh = config.load(current.config_path)
+    except ConfigError as exc:
+        gateway.metrics.reloads.labels("failure").inc()
+        logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
+        return False
+    gateway.swap(fresh)
+    gateway.metrics.reloads.labels("success").inc()
+    moved = [
+        name
+        for name in ("listen", "admin_listen")
+        if getattr(fresh, name) != getattr(current, name)
+    ]
+    logs.emit(
+        "reloaded",
+        routes=len(fresh.policy.routes),
+        principals=len(fresh.policy.principals),
+        **({"restart_needed_for": moved} if moved else {}),
+    )
+    return True
+
+
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[Gateway], Awaitable[None]] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or cancellation), then drain and return the exit code."""
+    gateway = Gateway(settings, Metrics())
+    await gateway.upstream.start()
+    proxy = web.ServerRunner(
+        web.Server(
+            gateway.handle,
+            access_log=None,
+            auto_decompress=False,  # the body is forwarded byte for byte
+            keepalive_timeout=75,
+        ),
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_grace_s,
+    )
+    admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
+    await proxy.setup()
+    await admin.setup()
+    try:
+        await web.TCPSite(proxy, settings.listen.host, settings.listen.port, backlog=1024).start()
+        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
+    except OSError as exc:
+        logs.emit("start_failed", error=f"cannot listen: {exc.strerror or exc}")
+        await admin.cleanup()
+        await proxy.cleanup()
+        await gateway.upstream.close()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(gateway) and None)
+    logs.emit(
+        "started",
+        version=__version__,
+        pid=os.getpid(),
+        listen=str(settings.listen),
+        admin_listen=str(settings.admin_listen),
+        upstream=str(settings.upstream.url),
+        routes=len(settings.policy.routes),
+    )
+    try:
+        if ready is not None:
+            await ready(gateway)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        gateway.draining = True
+        logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
+        # Stops accepting at once, then waits for in-flight requests up to the grace.
+        await proxy.cleanup()
+        await gateway.upstream.close()
+        await admin.cleanup()
+        logs.emit("stopped")
+    return 0
