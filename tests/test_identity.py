@@ -1,0 +1,196 @@
+"""gateway/identity.py: who is calling, decided without a network."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import time
+from datetime import UTC, datetime
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway import signing
+from gateway.errors import Unauthorized
+from gateway.identity import Caller, identify, verifier_for
+from gateway.policy import Policy, Principal, TrustedHeaders
+from gateway.signing import Secret
+
+TOKENS = {"VIEWER": "viewer-token", "MEMBER": "member-token", "OWNER": "owner-token"}
+HMAC_KEY, HMAC_SECRET = "NCSINTERNAL00001", "internal-secret"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_policy(trusted: bool = True) -> Policy:
+    principals = [
+        Principal(f"{role.lower()}-svc", role, token_sha256=sha(token))
+        for role, token in TOKENS.items()
+    ]
+    principals.append(
+        Principal("sdk-svc", "MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET))
+    )
+    headers = (
+        TrustedHeaders(
+            "X-Internal-Principal",
+            "X-Internal-Role",
+            (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        )
+        if trusted
+        else None
+    )
+    return Policy(("VIEWER", "MEMBER", "OWNER"), tuple(principals), headers, ())
+
+
+POLICY = make_policy()
+
+
+def who(headers: dict[str, str] | list[tuple[str, str]], peer: str = "127.0.0.1") -> Caller:
+    policy = POLICY
+    return identify(CIMultiDict(headers), peer, policy, verifier_for(policy), time.time())
+
+
+def refused(headers: dict[str, str] | list[tuple[str, str]], peer: str = "127.0.0.1") -> str:
+    with pytest.raises(Unauthorized) as err:
+        who(headers, peer)
+    assert err.value.code == "Unauthorized" and err.value.status == 401
+    assert err.value.reason
+    return err.value.reason
+
+
+@pytest.mark.parametrize("role", ["VIEWER", "MEMBER", "OWNER"])
+def test_bearer_token_is_looked_up_by_its_hash(role: str) -> None:
+    caller = who({"Authorization": f"Bearer {TOKENS[role]}"})
+    assert caller == Caller(f"{role.lower()}-svc", role, "token")
+
+
+def test_bearer_scheme_is_case_insensitive() -> None:
+    assert who({"Authorization": f"bearer {TOKENS['MEMBER']}"}).role == "MEMBER"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer nope", "Bearer ", "Bearer", "Basic dXNlcjpwYXNz", "Token x", "Bearer " + "a" * 5000],
+)
+def test_bad_authorization_is_401(value: str) -> None:
+    refused({"Authorization": value})
+
+
+def test_unknown_token_is_401_even_with_trusted_headers() -> None:
+    reason = refused(
+        {
+            "Authorization": "Bearer nope",
+            "X-Internal-Principal": "ops",
+            "X-Internal-Role": "OWNER",
+        }
+    )
+    assert "unknown bearer token" in reason
+
+
+def test_authorization_wins_over_identity_headers() -> None:
+    caller = who(
+        {
+            "Authorization": f"Bearer {TOKENS['VIEWER']}",
+            "X-Internal-Principal": "ops",
+            "X-Internal-Role": "OWNER",
+        }
+    )
+    assert caller.role == "VIEWER"
+
+
+def test_two_authorization_headers_are_401() -> None:
+    token = f"Bearer {TOKENS['OWNER']}"
+    refused([("Authorization", token), ("Authorization", token)])
+
+
+def test_trusted_headers_from_a_trusted_peer() -> None:
+    caller = who({"X-Internal-Principal": "ops-console", "X-Internal-Role": "OWNER"})
+    assert caller == Caller("ops-console", "OWNER", "trusted-headers")
+    caller = who({"x-internal-principal": "ops", "X-INTERNAL-ROLE": "VIEWER"}, peer="::1")
+    assert caller.role == "VIEWER"
+
+
+@pytest.mark.parametrize("peer", ["10.0.0.5", "127.0.0.2", "::2", None, "garbage"])
+def test_trusted_headers_from_anywhere_else_are_401(peer: str | None) -> None:
+    refused({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}, peer)  # type: ignore[arg-type]
+
+
+def test_forwarded_for_does_not_make_a_peer_trusted() -> None:
+    headers = {
+        "X-Internal-Principal": "ops",
+        "X-Internal-Role": "OWNER",
+        "X-Forwarded-For": "127.0.0.1",
+        "X-Real-IP": "127.0.0.1",
+        "Forwarded": "for=127.0.0.1",
+    }
+    refused(headers, peer="10.1.2.3")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Internal-Principal": "ops"},
+        {"X-Internal-Role": "OWNER"},
+        {"X-Internal-Principal": "ops", "X-Internal-Role": "owner"},  # case-sensitive
+        {"X-Internal-Principal": "ops", "X-Internal-Role": "ADMIN"},
+        {"X-Internal-Principal": "", "X-Internal-Role": "OWNER"},
+        {"X-Internal-Principal": "a b", "X-Internal-Role": "OWNER"},
+        [
+            ("X-Internal-Principal", "ops"),
+            ("X-Internal-Role", "VIEWER"),
+            ("X-Internal-Role", "OWNER"),
+        ],
+    ],
+)
+def test_incomplete_or_odd_identity_headers_are_401(
+    headers: dict[str, str] | list[tuple[str, str]],
+) -> None:
+    refused(headers)
+
+
+def test_no_trusted_headers_configured_means_they_count_for_nothing() -> None:
+    policy = make_policy(trusted=False)
+    headers = CIMultiDict({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"})
+    with pytest.raises(Unauthorized):
+        identify(headers, "127.0.0.1", policy, verifier_for(policy), time.time())
+
+
+def test_nothing_at_all_is_401() -> None:
+    assert refused({}) == "no credentials"
+
+
+# --- internal HMAC keys ---------------------------------------------------------
+
+
+def sdk_header(secret: str = HMAC_SECRET, key: str = HMAC_KEY, skew_s: float = 0) -> str:
+    date = signing.format_date(datetime.fromtimestamp(time.time() + skew_s, UTC))
+    return signing.authorization(key, Secret(secret), date, signing.new_salt())
+
+
+def test_internal_hmac_key_identifies_its_principal() -> None:
+    assert who({"Authorization": sdk_header()}) == Caller("sdk-svc", "MEMBER", "hmac")
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (sdk_header(secret="wrong"), "SignatureDoesNotMatch"),
+        (sdk_header(key="NCSUNKNOWN000001"), "InvalidAPIKey"),
+        (sdk_header(skew_s=3600), "RequestTimeTooSkewed"),
+        ("HMAC-SHA256 apiKey=x", "Unauthorized"),
+    ],
+)
+def test_bad_internal_signatures_are_401_with_the_reason_logged(header: str, code: str) -> None:
+    assert code in refused({"Authorization": header})
+
+
+def test_a_replayed_internal_signature_is_401_across_reloads() -> None:
+    header = sdk_header()
+    first = verifier_for(POLICY)
+    identify(CIMultiDict({"Authorization": header}), None, POLICY, first, time.time())
+    reloaded = verifier_for(make_policy(), first)  # a SIGHUP must not forget what it saw
+    with pytest.raises(Unauthorized) as err:
+        identify(CIMultiDict({"Authorization": header}), None, POLICY, reloaded, time.time())
+    assert "DuplicatedSignature" in (err.value.reason or "")
