@@ -23,7 +23,7 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import __version__, config, demo, logs, sandbox, service
+from gateway import __version__, config, demo, logs
 from gateway.config import Settings
 from gateway.signing import Secret, format_date, new_salt, parse
 from gateway.yamlsource import ConfigError
@@ -58,7 +58,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logs.emit("config_error", errors=[str(p) for p in exc.problems])
         return EXIT_CONFIG
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers > 1:
+        from gateway import supervisor
+
+        # Must happen before anything imports prometheus_client.
+        made = supervisor.prepare_metrics_dir()
+        return _run(supervisor.supervise(settings, workers, made))
+    from gateway import service
+
     return _run(service.serve(settings))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One of ``serve --workers N``'s processes (started by the supervisor)."""
+    logs.setup()
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        logs.emit("config_error", errors=[str(p) for p in exc.problems])
+        return EXIT_CONFIG
+    from gateway import service
+
+    return _run(service.serve(settings, worker=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -70,6 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway import sandbox
+
     logs.setup()
     parsed = config.parse_address(args.listen)
     if isinstance(parsed, str):
@@ -185,8 +209,13 @@ def parser() -> argparse.ArgumentParser:
         return cmd
 
     serve = with_config("serve", "run the gateway")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes (default: `workers:` in config, else 1)"
+    )
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", required=True)
+    worker.set_defaults(func=cmd_worker)
     with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG).set_defaults(
         func=cmd_demo
     )
@@ -215,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "workers", 1) < 1:
+    if (getattr(args, "workers", None) or 1) < 1:
         print("--workers: must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
     result: int = args.func(args)

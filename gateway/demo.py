@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from gateway import logs, sandbox, service
+from gateway import logs, sandbox
 from gateway.config import Settings
-from gateway.server import Gateway
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
 
 DEMO_CONFIG: Final = "config/demo/gateway.yaml"
 DEMO_API_KEY: Final = "NCSDEMOKEY000001"
@@ -80,6 +82,8 @@ def curl_lines(settings: Settings) -> list[str]:
 
 
 async def run(settings: Settings) -> int:
+    from gateway import service  # imports prometheus_client: only once a command needs it
+
     url = settings.upstream.url
     host, port = url.host or "127.0.0.1", url.port or 80
     keys = {settings.signer.api_key: settings.signer.secret}

@@ -22,44 +22,68 @@ from gateway import __version__, config, logs
 from gateway.config import Settings
 from gateway.metrics import CONTENT_TYPE, Metrics, render
 from gateway.server import Gateway
+from gateway.supervisor import signal_ready
 from gateway.yamlsource import ConfigError
 
-_GATEWAY = web.AppKey("gateway", Gateway)
+_METRICS = web.AppKey("metrics", Metrics)
+_READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 
 
-def admin_app(gateway: Gateway) -> web.Application:
+def admin_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
     app = web.Application()
-    app[_GATEWAY] = gateway
+    app[_METRICS] = metrics
+    app[_READY] = ready
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        if request.app[_GATEWAY].draining:
+        if not request.app[_READY]():
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ready"})
 
-    async def metrics(request: web.Request) -> web.Response:
-        body = render(request.app[_GATEWAY].metrics)
+    async def metrics_page(request: web.Request) -> web.Response:
+        body = render(request.app[_METRICS])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_page)
     return app
 
 
-def reload(gateway: Gateway) -> bool:
-    """Re-read everything the running config was loaded from; swap only if all is valid."""
+async def start_admin(
+    settings: Settings, metrics: Metrics, ready: Callable[[], bool]
+) -> web.AppRunner | None:
+    """The admin listener, or None (logged) if its address cannot be bound."""
+    runner = web.AppRunner(admin_app(metrics, ready), access_log=None, handle_signals=False)
+    await runner.setup()
+    address = settings.admin_listen
+    try:
+        await web.TCPSite(runner, address.host, address.port).start()
+    except OSError as exc:
+        logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
+        await runner.cleanup()
+        return None
+    return runner
+
+
+def reload(gateway: Gateway, *, count: bool = True) -> bool:
+    """Re-read everything the running config was loaded from; swap only if all is valid.
+
+    ``count`` is off in workers: their supervisor validated and counted this reload.
+    """
     current = gateway.loaded.settings
     try:
         fresh = config.load(current.config_path)
     except ConfigError as exc:
-        gateway.metrics.reloads.labels("failure").inc()
+        if count:
+            gateway.metrics.reloads.labels("failure").inc()
         logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
         return False
     gateway.swap(fresh)
-    gateway.metrics.reloads.labels("success").inc()
+    if count:
+        gateway.metrics.reloads.labels("success").inc()
     moved = [
         name
         for name in ("listen", "admin_listen")
@@ -78,8 +102,13 @@ async def serve(
     settings: Settings,
     *,
     ready: Callable[[Gateway], Awaitable[None]] | None = None,
+    worker: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or cancellation), then drain and return the exit code."""
+    """Run until SIGTERM/SIGINT (or cancellation), then drain and return the exit code.
+
+    As one of several workers (``worker=True``) the process shares the proxy port
+    and leaves the admin port and the reload count to the supervisor.
+    """
     gateway = Gateway(settings, Metrics())
     await gateway.upstream.start()
     proxy = web.ServerRunner(
@@ -92,34 +121,44 @@ async def serve(
         handle_signals=False,
         shutdown_timeout=settings.shutdown_grace_s,
     )
-    admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
     await proxy.setup()
-    await admin.setup()
-    try:
-        await web.TCPSite(proxy, settings.listen.host, settings.listen.port, backlog=1024).start()
-        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
-    except OSError as exc:
-        logs.emit("start_failed", error=f"cannot listen: {exc.strerror or exc}")
-        await admin.cleanup()
+
+    async def abandon() -> int:
         await proxy.cleanup()
         await gateway.upstream.close()
         return 1
+
+    address = settings.listen
+    try:
+        await web.TCPSite(
+            proxy, address.host, address.port, backlog=1024, reuse_port=worker or None
+        ).start()
+    except OSError as exc:
+        logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
+        return await abandon()
+    admin = None
+    if not worker:
+        admin = await start_admin(settings, gateway.metrics, lambda: not gateway.draining)
+        if admin is None:
+            return await abandon()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(gateway) and None)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(gateway, count=not worker) and None)
     logs.emit(
         "started",
         version=__version__,
         pid=os.getpid(),
         listen=str(settings.listen),
-        admin_listen=str(settings.admin_listen),
+        **({} if worker else {"admin_listen": str(settings.admin_listen)}),
         upstream=str(settings.upstream.url),
         routes=len(settings.policy.routes),
     )
     try:
+        if worker:
+            signal_ready()
         if ready is not None:
             await ready(gateway)
         await stop.wait()
@@ -131,6 +170,7 @@ async def serve(
         # Stops accepting at once, then waits for in-flight requests up to the grace.
         await proxy.cleanup()
         await gateway.upstream.close()
-        await admin.cleanup()
+        if admin is not None:
+            await admin.cleanup()
         logs.emit("stopped")
     return 0

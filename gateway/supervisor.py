@@ -1,0 +1,191 @@
+"""``serve --workers N``: N worker processes on one port, under one supervisor.
+
+Each worker is ``python -m gateway _worker`` bound to the proxy port with
+``SO_REUSEPORT``, so the kernel spreads connections over them. The supervisor
+owns everything that must exist once:
+
+- the admin port, with one ``/metrics`` summed over all workers (prometheus
+  multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is cleaned at start, set for
+  every worker, and a dead worker's live gauges are dropped);
+- SIGHUP: the supervisor validates the new config once, counts the reload
+  once, and only then tells every worker to reload;
+- SIGTERM/SIGINT: ``/readyz`` turns 503 and every worker drains on its own;
+- restarts: a worker that dies is replaced, unless workers die straight after
+  starting again and again (a port taken, a broken install), when the
+  supervisor gives up rather than spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from gateway import __version__, config, logs
+from gateway.config import Settings
+from gateway.yamlsource import ConfigError
+
+READY_FD_ENV = "SOLAPI_GATEWAY_READY_FD"
+_FAST_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as a crash loop
+_MAX_FAST_DEATHS = 5
+
+
+def prepare_metrics_dir() -> str | None:
+    """Set up PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported.
+
+    Returns the folder to remove at exit if the supervisor made it itself.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):  # stale counts from an earlier run would be summed in
+            if name.endswith(".db"):
+                os.unlink(os.path.join(given, name))
+        return None
+    made = tempfile.mkdtemp(prefix="solapi-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
+
+
+@dataclass(slots=True)
+class Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    started: float
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, workers: int) -> None:
+        from gateway.metrics import Metrics  # after the multiprocess folder is set
+
+        self.settings = settings
+        self.count = workers
+        self.metrics = Metrics()
+        self.workers: dict[int, Worker] = {}
+        self.draining = False
+        self.fast_deaths = 0
+        self.stop = asyncio.Event()
+        self.exit_code = 0
+
+    async def _spawn(self, index: int) -> Worker:
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, READY_FD_ENV: str(write_fd)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "_worker", "--config", self.settings.config_path,
+            env=env, pass_fds=(write_fd,),
+        )  # fmt: skip
+        os.close(write_fd)
+        worker = Worker(index, process, time.monotonic())
+        asyncio.get_running_loop().add_reader(read_fd, self._on_ready, worker, read_fd)
+        return worker
+
+    def _on_ready(self, worker: Worker, read_fd: int) -> None:
+        # One byte means "listening"; end-of-file means it died before that.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(read_fd)
+        with contextlib.suppress(OSError):
+            if os.read(read_fd, 1):
+                worker.ready.set()
+        os.close(read_fd)
+
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and len(self.workers) == self.count
+            and all(w.ready.is_set() for w in self.workers.values())
+        )
+
+    async def _watch(self, index: int) -> None:
+        """Keep worker ``index`` running until the supervisor drains."""
+        while not self.draining:
+            worker = await self._spawn(index)
+            self.workers[index] = worker
+            code = await worker.process.wait()
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.process.pid)  # type: ignore[no-untyped-call]
+            if self.draining:
+                return
+            lived = time.monotonic() - worker.started
+            self.fast_deaths = self.fast_deaths + 1 if lived < _FAST_DEATH_S else 0
+            logs.emit("worker_exited", worker=index, pid=worker.process.pid, code=code)
+            if self.fast_deaths >= _MAX_FAST_DEATHS:
+                logs.emit("giving_up", reason="workers keep dying right after they start")
+                self.exit_code = 1
+                self.stop.set()
+                return
+            if lived < _FAST_DEATH_S:
+                await asyncio.sleep(0.5)
+
+    def _signal_all(self, sig: int) -> None:
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(sig)
+
+    def reload(self) -> None:
+        try:
+            fresh = config.load(self.settings.config_path)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("failure").inc()
+            logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
+            return
+        self.metrics.reloads.labels("success").inc()
+        moved = [
+            n for n in ("listen", "admin_listen") if getattr(fresh, n) != getattr(self.settings, n)
+        ]
+        self.settings = fresh
+        logs.emit("reloading_workers", **({"restart_needed_for": moved} if moved else {}))
+        self._signal_all(signal.SIGHUP)
+
+    async def run(self) -> int:
+        from gateway.service import start_admin
+
+        admin = await start_admin(self.settings, self.metrics, self.ready)
+        if admin is None:
+            return 1
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
+        logs.emit(
+            "supervisor_started", version=__version__, pid=os.getpid(), workers=self.count,
+            listen=str(self.settings.listen), admin_listen=str(self.settings.admin_listen),
+        )  # fmt: skip
+        await self.stop.wait()
+        self.draining = True
+        logs.emit("draining", workers=len(self.workers))
+        self._signal_all(signal.SIGTERM)
+        grace = self.settings.shutdown_grace_s + 5
+        try:
+            await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), grace)
+        except TimeoutError:
+            self._signal_all(signal.SIGKILL)
+        await admin.cleanup()
+        logs.emit("stopped")
+        return self.exit_code
+
+
+async def supervise(settings: Settings, workers: int, made_dir: str | None) -> int:
+    try:
+        return await Supervisor(settings, workers).run()
+    finally:
+        if made_dir is not None:
+            shutil.rmtree(made_dir, ignore_errors=True)
+
+
+def signal_ready() -> None:
+    """Called by a worker once it listens: tell the supervisor through the pipe."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), b"1")
+            os.close(int(fd))
