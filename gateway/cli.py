@@ -244,7 +244,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if (getattr(args, "workers", None) or 1) < 1:
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
         print("--workers: must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
     result: int = args.func(args)

@@ -70,6 +70,7 @@ class Settings:
     max_body_bytes: int
     shutdown_grace_s: float
     forward_headers: tuple[str, ...]
+    workers: int = 1
 
 
 def parse_address(text: str) -> Address | str:
@@ -120,7 +121,7 @@ def _load(src: Source, config_path: str) -> Settings | None:
         required=("upstream", "credentials"),
         optional=(
             "listen", "admin_listen", "policy", "max_body_bytes", "shutdown_grace_s",
-            "forward_headers",
+            "forward_headers", "workers",
         ),
     )  # fmt: skip
     if keys is None:
@@ -152,23 +153,31 @@ def _load(src: Source, config_path: str) -> Settings | None:
         grace_read = src.number(keys["shutdown_grace_s"], "shutdown_grace_s", positive=False)
         grace = grace_read if grace_read is not None else -1.0
 
-    policy_value = "policy.yaml"
+    workers = 1
+    if "workers" in keys:
+        workers = src.integer(keys["workers"], "workers", minimum=1) or 0
+
+    policy_value: str | None = "policy.yaml"
     if "policy" in keys:
-        policy_value = src.string(keys["policy"], "policy", env=True) or ""
+        policy_value = src.string(keys["policy"], "policy", env=True)
+        if policy_value == "":
+            src.error(keys["policy"], "policy", "is empty")
     policy_path = os.path.join(base, policy_value) if policy_value else ""
     policy = None
     if policy_path:
         policy_text = _read(src, policy_path, keys.get("policy", root), "policy")
         if policy_text is not None:
             policy_src = Source(policy_path, src.problems)
+            before = len(src.problems.items)
             policy_root = policy_src.compose(policy_text)
-            if policy_root is None and not src.problems:
+            if policy_root is None and len(src.problems.items) == before:
                 policy_src.error(None, "(top)", "the file is empty")
             elif policy_root is not None:
                 policy = load_policy(policy_src, policy_root)
 
     forward = _forward_headers(src, keys.get("forward_headers"), policy)
-    if None in (listen, admin, upstream, creds, policy, forward) or max_body < 1 or grace < 0:
+    invalid_number = min(max_body, workers) < 1 or grace < 0
+    if None in (listen, admin, upstream, creds, policy, forward) or invalid_number:
         return None
     assert listen and admin and upstream and creds and policy and forward is not None
     signer, secret_source = creds
@@ -184,6 +193,7 @@ def _load(src: Source, config_path: str) -> Settings | None:
         max_body_bytes=max_body,
         shutdown_grace_s=grace,
         forward_headers=forward,
+        workers=workers,
     )
 
 
@@ -219,10 +229,11 @@ def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:
     total = 30.0
     if "timeout_s" in keys:
         total = src.number(keys["timeout_s"], "upstream.timeout_s") or 0.0
-    if url is None or not connect or not total:
+    if connect and total and connect > total:
+        at = keys.get("connect_timeout_s", keys.get("timeout_s", node))
+        src.error(at, "upstream.connect_timeout_s", "must not exceed timeout_s")
         return None
-    if connect > total:
-        src.error(node, "upstream.connect_timeout_s", "must not exceed timeout_s")
+    if url is None or not connect or not total:
         return None
     return UpstreamSettings(url, connect, total)
 
@@ -251,6 +262,8 @@ def _credentials(src: Source, node: yaml.Node, base: str) -> tuple[Signer, str] 
     else:
         path = "credentials.api_secret_file"
         name = src.string(keys["api_secret_file"], path, env=True)
+        if name == "":
+            src.error(keys["api_secret_file"], path, "is empty")
         if not name:
             return None
         secret_file = os.path.join(base, name)

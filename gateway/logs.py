@@ -15,6 +15,7 @@ import traceback
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def now_iso() -> str:
@@ -42,7 +43,13 @@ class JsonHandler(logging.Handler):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             fields["error"] = type(exc).__name__
-            fields["traceback"] = "".join(traceback.format_exception(exc)).rstrip()
+            if isinstance(exc, HttpProcessingError):
+                # A request aiohttp could not parse. Its text quotes the offending
+                # bytes, e.g. a whole "Authorization: Bearer ..." line: name the
+                # fault, never the bytes.
+                fields["status"] = exc.code
+            else:
+                fields["traceback"] = "".join(traceback.format_exception(exc)).rstrip()
         emit("log", **fields)
 
 

@@ -64,6 +64,9 @@ class TrustedHeaders:
             address = ipaddress.ip_address(peer.partition("%")[0])
         except ValueError:
             return False
+        # On a dual-stack listener ("[::]:8080") IPv4 peers arrive as ::ffff:a.b.c.d.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return any(address in network for network in self.sources)
 
 
@@ -215,6 +218,8 @@ def _principals(src: Source, node: yaml.Node | None, roles: list[str] | None) ->
         name = _matching(src, keys, path, "name", _NAME, "a name is letters, digits and ._@-")
         if name is not None and name in names:
             src.error(keys["name"], f"{path}.name", f"principal {name} is listed twice")
+        if name is not None:  # now, so a later twin is caught even if this entry is bad
+            names.add(name)
         role = _role_ref(src, keys["role"], f"{path}.role", roles) if "role" in keys else None
         token_hash = hmac_key = None
         hmac_secret: Secret | None = None
@@ -248,7 +253,6 @@ def _principals(src: Source, node: yaml.Node | None, roles: list[str] | None) ->
                 elif text is not None:
                     hmac_secret = Secret(text.strip())
         if name is not None and role is not None:
-            names.add(name)
             out.append(Principal(name, role, token_hash, hmac_key, hmac_secret))
     return out
 
@@ -297,7 +301,7 @@ def _trusted(src: Source, node: yaml.Node) -> TrustedHeaders | None:
             sources.append(ipaddress.ip_network(value, strict=True))
         except ValueError as exc:
             src.error(item, item_path, f"not a CIDR network: {exc}")
-    if not sources and isinstance(keys["sources"], yaml.SequenceNode):
+    if isinstance(keys["sources"], yaml.SequenceNode) and not keys["sources"].value:
         src.error(keys["sources"], f"{path}.sources", "list at least one network")
     if principal is None or role is None or not sources:
         return None
@@ -346,6 +350,8 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
         if name is not None and name in names:
             src.error(keys["name"], f"{path}.name", f"route name {name} is used twice")
             name = None
+        if name is not None:  # now, so a later twin is caught even if this route is bad
+            names.add(name)
         method = _matching(src, keys, path, "method", _METHOD, f"one of {', '.join(METHODS)}")
         if "path" in keys:
             route_path = src.checked(
@@ -370,7 +376,6 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
         if None in (name, method, route_path, min_role) or ("batch" in keys and batch is None):
             continue
         assert name and method and route_path and min_role
-        names.add(name)
         out.append(Route(name, method, route_path, min_role, batch, segments))
     return out
 

@@ -26,7 +26,7 @@ from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown, Unsuppor
 from gateway.headers import downstream_headers, request_id, upstream_headers
 from gateway.identity import identify, verifier_for
 from gateway.metrics import Metrics
-from gateway.policy import UNMATCHED
+from gateway.policy import UNMATCHED, Route
 from gateway.signing import Verifier
 from gateway.target import split_target
 from gateway.upstream import Attempt, Upstream, failure
@@ -99,10 +99,18 @@ class Gateway:
         policy = settings.policy
         path, _ = split_target(request.raw_path)
         entry.path = path
+        # The route is looked up before identity only so that metrics can name it
+        # whichever step refuses the request; its 404/405 still comes after the 401.
+        route: Route | None = None
+        try:
+            route = policy.match(request.method, path)
+            entry.route = route.name
+        except GatewayError as exc:
+            no_route = exc
         caller = identify(request.headers, entry.peer, policy, loaded.verifier, time.time())
         entry.principal, entry.role, entry.via = caller.principal, caller.role, caller.via
-        route = policy.match(request.method, path)
-        entry.route = route.name
+        if route is None:
+            raise no_route
         policy.authorize(route, caller.role)
         body = await read_body(request, settings.max_body_bytes)
         if route.batch is not None:

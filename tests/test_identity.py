@@ -194,3 +194,9 @@ def test_a_replayed_internal_signature_is_401_across_reloads() -> None:
     with pytest.raises(Unauthorized) as err:
         identify(CIMultiDict({"Authorization": header}), None, POLICY, reloaded, time.time())
     assert "DuplicatedSignature" in (err.value.reason or "")
+
+
+def test_ipv4_mapped_peers_on_a_dual_stack_listener_are_matched_as_ipv4() -> None:
+    caller = who({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}, "::ffff:127.0.0.1")
+    assert caller.role == "OWNER"
+    refused({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}, "::ffff:10.0.0.1")
