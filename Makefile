@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test setup lint unit e2e lock clean
+.PHONY: run test setup lint unit e2e bench lock clean
 
 run: $(STAMP)  ## the demo: sandbox upstream + gateway, prints curl lines
 	$(BIN)/solapi-gateway demo
@@ -30,6 +30,11 @@ unit: $(STAMP)
 
 e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
+
+bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes docs/performance.md
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; }
+	$(BIN)/python bench/run.py
 
 lock:  ## re-pin every dependency after changing pyproject.toml
 	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock
