@@ -9,6 +9,7 @@ sent: duplicate object keys, NaN/Infinity, a BOM or invalid UTF-8 are all
     validate(body, rule)                          → 400 InvalidJSON / InvalidBody /
                                                     BatchEmpty / BatchTooLarge /
                                                     InvalidItem / DuplicateItems
+    checked_items(body, rule)                     → the same checks; the items themselves
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def _offenders(indices: list[int], field: str) -> dict[str, Any]:
 
 def validate(body: bytes, rule: BatchRule) -> int:
     """Check a batch body against ``rule``; return its number of items."""
+    return len(checked_items(body, rule))
+
+
+def checked_items(body: bytes, rule: BatchRule) -> list[str]:
+    """Check a batch body against ``rule``; return its items (e.g. for the audit log)."""
     document = parse_json(body)
     if not isinstance(document, dict):
         raise InvalidBody("The body must be a JSON object.")
@@ -123,4 +129,4 @@ def validate(body: bytes, rule: BatchRule) -> int:
             f"{len(repeats)} item(s) of {rule.field!r} repeat an earlier one.",
             details=_offenders(repeats, rule.field),
         )
-    return count
+    return items

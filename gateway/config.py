@@ -71,6 +71,7 @@ class Settings:
     shutdown_grace_s: float
     forward_headers: tuple[str, ...]
     workers: int = 1
+    audit_log: str | None = None  # the opt-in audit file, relative paths already resolved
 
 
 def parse_address(text: str) -> Address | str:
@@ -121,7 +122,7 @@ def _load(src: Source, config_path: str) -> Settings | None:
         required=("upstream", "credentials"),
         optional=(
             "listen", "admin_listen", "policy", "max_body_bytes", "shutdown_grace_s",
-            "forward_headers", "workers",
+            "forward_headers", "workers", "audit_log",
         ),
     )  # fmt: skip
     if keys is None:
@@ -176,8 +177,10 @@ def _load(src: Source, config_path: str) -> Settings | None:
                 policy = load_policy(policy_src, policy_root)
 
     forward = _forward_headers(src, keys.get("forward_headers"), policy)
+    audit_log = _audit_log(src, keys["audit_log"], base) if "audit_log" in keys else None
     invalid_number = min(max_body, workers) < 1 or grace < 0
-    if None in (listen, admin, upstream, creds, policy, forward) or invalid_number:
+    invalid_audit = "audit_log" in keys and audit_log is None
+    if None in (listen, admin, upstream, creds, policy, forward) or invalid_number or invalid_audit:
         return None
     assert listen and admin and upstream and creds and policy and forward is not None
     signer, secret_source = creds
@@ -194,7 +197,33 @@ def _load(src: Source, config_path: str) -> Settings | None:
         shutdown_grace_s=grace,
         forward_headers=forward,
         workers=workers,
+        audit_log=audit_log,
     )
+
+
+def _audit_log(src: Source, node: yaml.Node, base: str) -> str | None:
+    """The audit file's path, if the gateway will be able to append to it."""
+    name = src.string(node, "audit_log", env=True)
+    if name is None:
+        return None
+    if not name:
+        src.error(node, "audit_log", "is empty")
+        return None
+    path = os.path.join(base, name)
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        problem = f"{path} is a folder, not a file"
+    elif not os.path.isdir(folder):
+        problem = f"the folder {folder} does not exist"
+    elif os.path.exists(path):
+        problem = "" if os.access(path, os.W_OK) else f"cannot append to {path}: not writable"
+    else:
+        writable = os.access(folder, os.W_OK | os.X_OK)
+        problem = "" if writable else f"cannot create {path}: the folder is not writable"
+    if problem:
+        src.error(node, "audit_log", problem)
+        return None
+    return path
 
 
 def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:

@@ -4,15 +4,23 @@
 requests (and from several workers sharing stderr) never interleave. Library
 log records (aiohttp's, asyncio's) are turned into the same JSON lines by
 ``JsonHandler``, so an operator's log pipeline parses every line.
+
+``AuditLog`` is the opt-in ``audit_log:`` file: one JSON line per batch that
+passed validation, naming the caller and every record ID it sent. It is
+opened in append mode, written with one ``write(2)`` per line (so workers
+sharing the file never interleave), and reopened on SIGHUP so that logrotate
+can move it away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
@@ -31,6 +39,56 @@ def emit(event: str, **fields: Any) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):  # a closed stderr must not take a request down with it
         pass
+
+
+# What an audit line keeps of the access-log line (absent ones are left out).
+AUDIT_FIELDS: Final = (
+    "request_id", "principal", "role", "via", "route", "method", "path",
+    "status", "errorCode", "upstream_status", "attempts",
+)  # fmt: skip
+
+
+class AuditLog:
+    """An append-only JSON-lines file; ``reopen`` after it was rotated."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = self._open(path)
+
+    @staticmethod
+    def _open(path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write_batch(self, access: Mapping[str, Any], record_ids: list[str]) -> None:
+        """The audit line of one batch: who, where, what upstream said, and every ID."""
+        record = {"time": now_iso(), **{k: access[k] for k in AUDIT_FIELDS if k in access}}
+        record["record_ids"] = record_ids
+        self.write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = orjson.dumps(record, default=str) + b"\n"
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:  # a full disk must not take the request down with it
+            emit("audit_log_failed", path=self.path, error=exc.strerror or str(exc))
+            return
+        if written != len(line):
+            emit("audit_log_failed", path=self.path, error="short write")
+
+    def reopen(self, path: str | None = None) -> None:
+        """Open ``path`` (default: the same name again), then close the old file.
+
+        Raises OSError, keeping the old file, if the new one cannot be opened.
+        """
+        path = self.path if path is None else path
+        fd = self._open(path)
+        old, self._fd, self.path = self._fd, fd, path
+        os.close(old)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class JsonHandler(logging.Handler):

@@ -5,6 +5,12 @@ Labels stay bounded: ``route`` is a route name from the policy or
 ``OTHER``; ``code`` is an errorCode; ``kind`` one of four words. Nothing from
 a request is used as a label verbatim.
 
+Beyond the contract's metrics, ``gateway_principal_requests_total`` counts
+requests by caller: ``principal`` is a name from the policy's ``principals``,
+or ``other`` (e.g. a name vouched for by trusted headers), so its label set is
+bounded by the policy too. Requests refused before a caller was identified
+are not in it (they have no principal).
+
 With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set before this
 module is imported and each scrape sums the workers' files.
 """
@@ -34,6 +40,7 @@ LATENCY_BUCKETS: Final = (
     30.0, 60.0,
 )  # fmt: skip
 BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000)
+OTHER_PRINCIPAL: Final = "other"
 _METHODS: Final = frozenset(METHODS)
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -105,11 +112,28 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
+        self.principal_requests = Counter(
+            "gateway_principal_requests_total",
+            "Requests by identified caller (policy principals, else other), route and status.",
+            ("principal", "route", "status"),
+            registry=r,
+        )
+        # Both series exist from the start, so an alert on their increase sees the first one.
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        # The names that get a principal label of their own; set from the policy.
+        self.principals: frozenset[str] = frozenset()
 
-    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def request(
+        self, route: str, method: str, status: int, seconds: float, principal: str | None = None
+    ) -> None:
         label = method if method in _METHODS else "OTHER"
-        self.requests.labels(route, label, str(status)).inc()
+        code = str(status)
+        self.requests.labels(route, label, code).inc()
         self.duration.labels(route).observe(seconds)
+        if principal is not None:
+            who = principal if principal in self.principals else OTHER_PRINCIPAL
+            self.principal_requests.labels(who, route, code).inc()
 
 
 def render(metrics: Metrics) -> bytes:

@@ -13,7 +13,7 @@ it starts, so a reload in the middle of it cannot mix old and new policy.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import aiohttp
@@ -61,6 +61,11 @@ class Entry:
     upstream_ms: float | None = None
     upstream_status: int | None = None
     attempts: int = 0
+    # The batch's items, for the audit log only: never on the access-log line.
+    record_ids: list[str] | None = None
+
+
+_ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name != "record_ids")
 
 
 class Gateway:
@@ -69,6 +74,7 @@ class Gateway:
         self.metrics = metrics
         self.upstream = Upstream()
         self.draining = False
+        self.audit: logs.AuditLog | None = None  # opened by the service when configured
 
     def swap(self, settings: Settings) -> None:
         """Use a newly loaded config from the next request on."""
@@ -93,8 +99,6 @@ class Gateway:
     async def _walk(
         self, request: web.BaseRequest, loaded: Loaded, entry: Entry
     ) -> web.StreamResponse:
-        if self.draining:
-            raise ShuttingDown("The gateway is shutting down; retry on another instance.")
         settings = loaded.settings
         policy = settings.policy
         path, _ = split_target(request.raw_path)
@@ -107,6 +111,8 @@ class Gateway:
             entry.route = route.name
         except GatewayError as exc:
             no_route = exc
+        if self.draining:
+            raise ShuttingDown("The gateway is shutting down; retry on another instance.")
         caller = identify(request.headers, entry.peer, policy, loaded.verifier, time.time())
         entry.principal, entry.role, entry.via = caller.principal, caller.role, caller.via
         if route is None:
@@ -117,7 +123,8 @@ class Gateway:
             batch.check_media(
                 request.headers.get("Content-Type"), request.headers.get("Content-Encoding")
             )
-            entry.batch_items = batch.validate(body, route.batch)
+            entry.record_ids = batch.checked_items(body, route.batch)
+            entry.batch_items = len(entry.record_ids)
             self.metrics.batch_items.labels(route.name).observe(entry.batch_items)
         elif request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             raise UnsupportedMediaType("Request bodies must not be compressed (Content-Encoding).")
@@ -184,12 +191,15 @@ class Gateway:
 
     def _finish(self, entry: Entry, seconds: float) -> None:
         entry.duration_ms = round(seconds * 1000, 3)
-        self.metrics.request(entry.route, entry.method, entry.status, seconds)
-        logs.emit("access", **_present(asdict(entry)))
+        self.metrics.request(entry.route, entry.method, entry.status, seconds, entry.principal)
+        line = _present(entry)
+        logs.emit("access", **line)
+        if self.audit is not None and entry.record_ids is not None:
+            self.audit.write_batch(line, entry.record_ids)
 
 
-def _present(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if v is not None}
+def _present(entry: Entry) -> dict[str, Any]:
+    return {k: v for k in _ACCESS_FIELDS if (v := getattr(entry, k)) is not None}
 
 
 def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.Response:

@@ -1,9 +1,10 @@
 """Running the gateway process: listeners, the admin port, signals.
 
     SIGHUP           reload config, policy and secret file together; keep the
-                     old set if anything is invalid
+                     old set if anything is invalid; reopen the audit log
     SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
-                     finish within shutdown_grace_s, exit 0
+                     finish within shutdown_grace_s, exit 0 (a second signal
+                     while draining changes nothing: it must not cut requests)
 
 The admin listener (/healthz, /readyz, /metrics) is a separate aiohttp app on
 its own address, and keeps answering while the proxy drains.
@@ -68,20 +69,42 @@ async def start_admin(
     return runner
 
 
+def open_audit(settings: Settings) -> logs.AuditLog | None:
+    """The configured audit file, opened for appending (None when not configured)."""
+    return logs.AuditLog(settings.audit_log) if settings.audit_log else None
+
+
+def _reopen_audit(gateway: Gateway, path: str | None) -> None:
+    """Point the gateway at ``path``'s audit file, freshly opened (logrotate moved the old)."""
+    audit = gateway.audit
+    if path is None:
+        gateway.audit = None
+        if audit is not None:
+            audit.close()
+    elif audit is None:
+        gateway.audit = logs.AuditLog(path)
+    else:
+        audit.reopen(path)
+
+
 def reload(gateway: Gateway, *, count: bool = True) -> bool:
     """Re-read everything the running config was loaded from; swap only if all is valid.
 
     ``count`` is off in workers: their supervisor validated and counted this reload.
+    The audit log is reopened either way, so a logrotate ``postrotate`` SIGHUP works
+    even while the config on disk is broken.
     """
     current = gateway.loaded.settings
     try:
         fresh = config.load(current.config_path)
+        _reopen_audit(gateway, fresh.audit_log)
     except ConfigError as exc:
-        if count:
-            gateway.metrics.reloads.labels("failure").inc()
-        logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
-        return False
+        return _reload_failed(gateway, count, [str(p) for p in exc.problems])
+    except OSError as exc:
+        why = f"{fresh.audit_log}: cannot open the audit log: {exc.strerror or exc}"
+        return _reload_failed(gateway, count, [why])
     gateway.swap(fresh)
+    gateway.metrics.principals = named_principals(fresh)
     if count:
         gateway.metrics.reloads.labels("success").inc()
     moved = [
@@ -98,6 +121,22 @@ def reload(gateway: Gateway, *, count: bool = True) -> bool:
     return True
 
 
+def _reload_failed(gateway: Gateway, count: bool, errors: list[str]) -> bool:
+    if count:
+        gateway.metrics.reloads.labels("failure").inc()
+    logs.emit("reload_failed", errors=errors)
+    path = gateway.loaded.settings.audit_log
+    try:  # logrotate's postrotate SIGHUP needs the reopen whatever the config says
+        _reopen_audit(gateway, path)
+    except OSError as exc:
+        logs.emit("audit_log_failed", path=path, error=exc.strerror or str(exc))
+    return False
+
+
+def named_principals(settings: Settings) -> frozenset[str]:
+    return frozenset(p.name for p in settings.policy.principals)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -110,6 +149,12 @@ async def serve(
     and leaves the admin port and the reload count to the supervisor.
     """
     gateway = Gateway(settings, Metrics())
+    gateway.metrics.principals = named_principals(settings)
+    try:
+        gateway.audit = open_audit(settings)
+    except OSError as exc:
+        logs.emit("start_failed", error=f"cannot open audit_log: {exc.strerror or exc}")
+        return 1
     await gateway.upstream.start()
     proxy = web.ServerRunner(
         web.Server(
@@ -126,6 +171,8 @@ async def serve(
     async def abandon() -> int:
         await proxy.cleanup()
         await gateway.upstream.close()
+        if gateway.audit is not None:
+            gateway.audit.close()
         return 1
 
     address = settings.listen
@@ -163,8 +210,10 @@ async def serve(
             await ready(gateway)
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        # The handlers stay until the drain is over: Ctrl-C or systemd signal every
+        # process of the group, so a worker may get SIGINT and then its supervisor's
+        # SIGTERM; the default action of that second signal would cut requests off.
+        loop.remove_signal_handler(signal.SIGHUP)
         gateway.draining = True
         logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
         # Stops accepting at once, then waits for in-flight requests up to the grace.
@@ -172,5 +221,9 @@ async def serve(
         await gateway.upstream.close()
         if admin is not None:
             await admin.cleanup()
+        if gateway.audit is not None:
+            gateway.audit.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         logs.emit("stopped")
     return 0
