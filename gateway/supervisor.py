@@ -107,6 +107,8 @@ class Supervisor:
         while not self.draining:
             worker = await self._spawn(index)
             self.workers[index] = worker
+            if self.draining:  # SIGTERM came while it was starting: it drains too
+                worker.process.send_signal(signal.SIGTERM)
             code = await worker.process.wait()
             from prometheus_client import multiprocess
 
