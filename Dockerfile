@@ -1,5 +1,11 @@
-# solapi-gateway: a slim, non-root image. Mount the config folder at
-# /etc/solapi-gateway and the SOLAPI secret where credentials.api_secret_file says.
+# solapi-gateway: a slim, non-root image.
+#   docker build -t solapi-gateway .
+#   docker run --rm -p 127.0.0.1:8080:8080 --stop-timeout 30 \
+#     -e SOLAPI_API_KEY=NCS... -v "$PWD/solapi_api_secret:/run/secrets/solapi_api_secret:ro" \
+#     solapi-gateway
+# The shipped config is config/gateway.yaml at /etc/solapi-gateway/gateway.yaml; mount your
+# own folder there to replace it (keep admin_listen on port 9090, or change HEALTHCHECK).
+# SIGTERM drains within shutdown_grace_s (20 s): give `docker stop` more than that.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,6 +23,7 @@ COPY config /etc/solapi-gateway
 
 USER 10001
 EXPOSE 8080 9090
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
 CMD ["solapi-gateway", "serve", "--config", "/etc/solapi-gateway/gateway.yaml"]
