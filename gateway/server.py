@@ -84,7 +84,9 @@ class Gateway:
         started = time.perf_counter()
         loaded = self.loaded
         peer = request.remote
-        entry = Entry(request_id(request.headers), request.method, request.raw_path[:512], peer)
+        # The path only, as for every request: a query string may carry anything.
+        path = request.raw_path.partition("?")[0][:512]
+        entry = Entry(request_id(request.headers), request.method, path, peer)
         self.metrics.in_flight.inc()
         try:
             response = await self._walk(request, loaded, entry)
