@@ -10,7 +10,11 @@ Three ways in, tried in this order:
    policy's ``sources``. They are ignored whenever an Authorization is present.
 
 Anything else is 401. The caller only ever learns "Unauthorized"; the reason
-goes to the access log.
+goes to the access log's ``reason`` (and the refusal to
+``gateway_rejections_total{code="Unauthorized"}``). An internal key's refusal
+reads ``hmac <what> (<SOLAPI's errorCode>): ...``, ``<what>`` one of
+``malformed``, ``unknown key``, ``skewed``, ``bad signature``, ``reused``, so
+a log pipeline can count them.
 """
 
 from __future__ import annotations
@@ -24,10 +28,17 @@ from multidict import MultiMapping
 
 from gateway.errors import Unauthorized
 from gateway.policy import Policy
-from gateway.signing import Rejected, Verifier
+from gateway.signing import MALFORMED, Rejected, Verifier, parse
 
 _MAX_TOKEN_CHARS: Final = 4096
 _PRINCIPAL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
+_HMAC_REFUSALS: Final = {
+    MALFORMED: "malformed",
+    "InvalidAPIKey": "unknown key",
+    "RequestTimeTooSkewed": "skewed",
+    "SignatureDoesNotMatch": "bad signature",
+    "DuplicatedSignature": "reused",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +95,20 @@ def _from_authorization(value: str, policy: Policy, verifier: Verifier, now: flo
         try:
             creds = verifier.verify(value, now)
         except Rejected as exc:
-            raise Unauthorized(f"HMAC {exc.code}: {exc.reason}") from None
+            raise Unauthorized(_hmac_reason(exc, value)) from None
         principal = policy.by_hmac_key.get(creds.api_key)
         if principal is None:  # the verifier knew the key, so the policy changed under it
             raise Unauthorized("HMAC key no longer in the policy")
         return Caller(principal.name, principal.role, "hmac")
     raise Unauthorized("unsupported Authorization scheme")
+
+
+def _hmac_reason(exc: Rejected, header: str) -> str:
+    what = _HMAC_REFUSALS.get(exc.code, exc.code)
+    reason = f"hmac {what} ({exc.code}): {exc.reason}"
+    if exc.code != MALFORMED:  # it parsed, so the key is a plain name: say which
+        reason += f", apiKey {parse(header).api_key}"
+    return reason
 
 
 def verifier_for(policy: Policy, previous: Verifier | None = None) -> Verifier:
