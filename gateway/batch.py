@@ -10,6 +10,8 @@ sent: duplicate object keys, NaN/Infinity, a BOM or invalid UTF-8 are all
                                                     BatchEmpty / BatchTooLarge /
                                                     InvalidItem / DuplicateItems
     checked_items(body, rule)                     → the same checks; the items themselves
+    check_document(parse_json(body), rule)        → the same in two steps, so a body is
+                                                    parsed once for its batch and its rules
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def validate(body: bytes, rule: BatchRule) -> int:
 
 def checked_items(body: bytes, rule: BatchRule) -> list[str]:
     """Check a batch body against ``rule``; return its items (e.g. for the audit log)."""
-    document = parse_json(body)
+    return check_document(parse_json(body), rule)
+
+
+def check_document(document: Any, rule: BatchRule) -> list[str]:
+    """``checked_items`` for a body already parsed with ``parse_json``."""
     if not isinstance(document, dict):
         raise InvalidBody("The body must be a JSON object.")
     if rule.field not in document:

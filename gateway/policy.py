@@ -5,6 +5,16 @@ path with another method is 405 ``MethodNotAllowed``. Matching is exact and
 case-sensitive on the raw path the gateway will forward; ``{name}`` in a route
 path matches one whole, non-empty segment.
 
+Besides its ``min_role``, a route may say more about who may do what:
+
+    params:   {recordId: "^CRMRC...$"}      a {name} segment must fully match
+              → 400 InvalidItem (checked after the role, so a VIEWER still gets 403)
+    rules:    - when: {field: permanent, not_equals: false}
+                min_role: OWNER            a body condition raises the role needed
+              → 403 Forbidden (checked after the body is validated)
+
+Matching itself stays structural: ``params`` never make a route "not match".
+
 ``Policy`` is a frozen value built once per load; every lookup table the hot
 path needs (tokens by hash, routes by exact path, role ranks) is built here so
 a request only does dictionary lookups.
@@ -13,13 +23,15 @@ a request only does dictionary lookups.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import yaml
 
-from gateway.errors import Forbidden, MethodNotAllowed, RouteNotFound
+from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
 from gateway.signing import Secret
 from gateway.yamlsource import Source
 
@@ -78,6 +90,55 @@ class BatchRule:
     unique: bool
 
 
+Scalar = str | int | float | bool | None
+
+
+def same_json(a: object, b: Scalar) -> bool:
+    """JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``, a list is no scalar."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if a is None or b is None:
+        return a is b
+    return isinstance(a, str) and isinstance(b, str) and a == b
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """``when:`` on a top-level field of the JSON body. An absent field never holds."""
+
+    field: str
+    op: Literal["equals", "not_equals"]
+    value: Scalar
+
+    def holds(self, document: Mapping[str, Any] | None) -> bool:
+        if document is None or self.field not in document:
+            return False
+        equal = same_json(document[self.field], self.value)
+        return equal if self.op == "equals" else not equal
+
+    def __str__(self) -> str:
+        shown = "null" if self.value is None else repr(self.value)
+        if isinstance(self.value, bool):
+            shown = "true" if self.value else "false"
+        verb = "is" if self.op == "equals" else "is not"
+        return f"{self.field} {verb} {shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRule:
+    when: Condition
+    min_role: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRule:
+    name: str
+    index: int  # which segment of the split path holds it
+    pattern: re.Pattern[str]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -87,6 +148,8 @@ class Route:
     batch: BatchRule | None = None
     # One entry per segment: the literal text, or None for a ``{name}`` segment.
     segments: tuple[str | None, ...] = field(default=(), repr=False)
+    params: tuple[ParamRule, ...] = ()
+    rules: tuple[BodyRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +206,33 @@ class Policy:
     def authorize(self, route: Route, role: str) -> None:
         if self.rank.get(role, -1) < self.rank[route.min_role]:
             raise Forbidden(f"Route {route.name} needs role {route.min_role} or higher.")
+
+    def check_params(self, route: Route, path: str) -> None:
+        """Each ``params`` segment must fully match its pattern, else 400 InvalidItem."""
+        if not route.params:
+            return
+        segments = path.split("/")
+        for param in route.params:
+            if not param.pattern.fullmatch(segments[param.index]):
+                raise InvalidItem(
+                    f"The path parameter {param.name!r} is not valid.",
+                    details={"param": param.name},
+                )
+
+    def authorize_body(
+        self, route: Route, role: str, document: Mapping[str, Any] | None
+    ) -> list[BodyRule]:
+        """Apply every rule whose condition holds; return those that applied."""
+        applied = []
+        for rule in route.rules:
+            if not rule.when.holds(document):
+                continue
+            if self.rank.get(role, -1) < self.rank[rule.min_role]:
+                raise Forbidden(
+                    f"Route {route.name} needs role {rule.min_role} or higher when {rule.when}."
+                )
+            applied.append(rule)
+        return applied
 
 
 def _segments_match(template: tuple[str | None, ...], segments: list[str]) -> bool:
@@ -336,7 +426,10 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
     seen: set[tuple[str, tuple[str | None, ...]]] = set()
     for path, item in src.sequence(node, "routes"):
         keys = src.mapping(
-            item, path, required=("name", "method", "path", "min_role"), optional=("batch",)
+            item,
+            path,
+            required=("name", "method", "path", "min_role"),
+            optional=("batch", "params", "rules"),
         )
         if keys is None:
             continue
@@ -366,6 +459,12 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
             else None
         )
         batch = _batch(src, keys["batch"], f"{path}.batch") if "batch" in keys else None
+        params: tuple[ParamRule, ...] | None = ()
+        if "params" in keys:
+            params = _params(src, keys["params"], f"{path}.params", route_path)
+        rules: tuple[BodyRule, ...] | None = ()
+        if "rules" in keys:
+            rules = _rules(src, keys["rules"], f"{path}.rules", roles, min_role)
         if route_path is not None:
             segments = tuple(None if _PARAM.fullmatch(s) else s for s in route_path.split("/"))
             if method is not None and (method, segments) in seen:
@@ -373,11 +472,129 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
                 continue
             if method is not None:
                 seen.add((method, segments))
-        if None in (name, method, route_path, min_role) or ("batch" in keys and batch is None):
+        if None in (name, method, route_path, min_role, params, rules) or (
+            "batch" in keys and batch is None
+        ):
             continue
         assert name and method and route_path and min_role
-        out.append(Route(name, method, route_path, min_role, batch, segments))
+        assert params is not None and rules is not None
+        out.append(Route(name, method, route_path, min_role, batch, segments, params, rules))
     return out
+
+
+def _regex(src: Source, node: yaml.Node, path: str) -> re.Pattern[str] | None:
+    text = src.string(node, path)
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        src.error(node, path, f"bad regex: {exc}")
+        return None
+
+
+def _params(
+    src: Source, node: yaml.Node, path: str, route_path: str | None
+) -> tuple[ParamRule, ...] | None:
+    """``params: {name: regex}``, one entry per ``{name}`` segment it constrains."""
+    if route_path is None:  # the keys cannot be checked against a bad path
+        return None
+    names = _placeholders(route_path)
+    if not names:
+        src.error(node, path, "the path has no {name} segment to check")
+        return None
+    before = len(src.problems.items)
+    keys = src.mapping(node, path, optional=tuple(names))
+    if keys is None:
+        return None
+    segments = route_path.split("/")
+    out = []
+    for name, value in keys.items():
+        pattern = _regex(src, value, f"{path}.{name}")
+        if pattern is not None:
+            out.append(ParamRule(name, segments.index("{" + name + "}"), pattern))
+    if len(src.problems.items) > before:
+        return None
+    if not out:
+        src.error(node, path, "name at least one {placeholder} of the path, or leave params out")
+        return None
+    return tuple(out)
+
+
+def _placeholders(route_path: str) -> list[str]:
+    return [m.group(1) for s in route_path.split("/") if (m := _PARAM.fullmatch(s))]
+
+
+_CONSTRUCTOR = yaml.SafeLoader("")
+_OPS = ("equals", "not_equals")
+
+
+def _scalar(src: Source, node: yaml.Node, path: str) -> tuple[bool, Scalar]:
+    """A YAML scalar as a JSON value: (ok, value)."""
+    if not isinstance(node, yaml.ScalarNode) or node.tag.rpartition(":")[2] not in (
+        "str", "int", "float", "bool", "null",
+    ):  # fmt: skip
+        src.error(node, path, "must be one value: a string, a number, true, false or null")
+        return False, None
+    value = _CONSTRUCTOR.construct_object(node)
+    if isinstance(value, float) and not math.isfinite(value):
+        src.error(node, path, "must be a finite number")
+        return False, None
+    assert value is None or isinstance(value, str | int | float | bool)
+    return True, value
+
+
+def _condition(src: Source, node: yaml.Node, path: str) -> Condition | None:
+    before = len(src.problems.items)
+    keys = src.mapping(node, path, required=("field",), optional=_OPS)
+    if keys is None:
+        return None
+    ops = [op for op in _OPS if op in keys]
+    if len(ops) != 1 and len(src.problems.items) == before:  # not after "unknown key"
+        src.error(node, path, "give exactly one of equals, not_equals")
+    field_name = src.string(keys["field"], f"{path}.field") if "field" in keys else None
+    if field_name == "":
+        src.error(keys["field"], f"{path}.field", "is empty")
+        field_name = None
+    ok, value = _scalar(src, keys[ops[0]], f"{path}.{ops[0]}") if ops else (False, None)
+    if field_name is None or len(ops) != 1 or not ok:
+        return None
+    op: Literal["equals", "not_equals"] = "equals" if ops[0] == "equals" else "not_equals"
+    return Condition(field_name, op, value)
+
+
+def _rules(
+    src: Source,
+    node: yaml.Node,
+    path: str,
+    roles: list[str] | None,
+    route_role: str | None,
+) -> tuple[BodyRule, ...] | None:
+    before = len(src.problems.items)
+    out = []
+    for item_path, item in src.sequence(node, path):
+        keys = src.mapping(item, item_path, required=("when", "min_role"))
+        if keys is None or len(keys) < 2:
+            continue
+        when = _condition(src, keys["when"], f"{item_path}.when")
+        role = _role_ref(src, keys["min_role"], f"{item_path}.min_role", roles)
+        if (
+            role is not None
+            and route_role is not None
+            and roles is not None
+            and roles.index(role) <= roles.index(route_role)
+        ):
+            src.error(
+                keys["min_role"],
+                f"{item_path}.min_role",
+                f"must be above the route's min_role ({route_role}), or the rule changes nothing",
+            )
+            continue
+        if when is not None and role is not None:
+            out.append(BodyRule(when, role))
+    if len(src.problems.items) > before:
+        return None
+    return tuple(out)
 
 
 def _batch(src: Source, node: yaml.Node, path: str) -> BatchRule | None:

@@ -2,9 +2,11 @@
 
     target → identity → route → role → body → sign → forward → respond
 
-Each step lives in its own module and raises a ``GatewayError`` to say no;
-this module turns that into the JSON error, and for every request, answered
-or refused, writes one access-log line and the metrics.
+The deciding steps (up to the body) are ``gateway/walk.py``, shared with
+``solapi-gateway explain``; each raises a ``GatewayError`` to say no. This
+module does the I/O around them: it reads the body once ``walk.admit`` has
+said yes, forwards, turns a refusal into the JSON error, and for every
+request, answered or refused, writes one access-log line and the metrics.
 
 A request works on one snapshot of the loaded config (``Loaded``), taken when
 it starts, so a reload in the middle of it cannot mix old and new policy.
@@ -20,15 +22,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import batch, logs
+from gateway import logs, walk
 from gateway.config import Settings
-from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown, UnsupportedMediaType
+from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown
 from gateway.headers import downstream_headers, request_id, upstream_headers
-from gateway.identity import identify, verifier_for
+from gateway.identity import verifier_for
 from gateway.metrics import Metrics
-from gateway.policy import UNMATCHED, Route
+from gateway.policy import UNMATCHED
 from gateway.signing import Verifier
-from gateway.target import split_target
 from gateway.upstream import Attempt, Upstream, failure
 
 _CHUNK = 64 * 1024
@@ -102,35 +103,31 @@ class Gateway:
         self, request: web.BaseRequest, loaded: Loaded, entry: Entry
     ) -> web.StreamResponse:
         settings = loaded.settings
-        policy = settings.policy
-        path, _ = split_target(request.raw_path)
-        entry.path = path
-        # The route is looked up before identity only so that metrics can name it
-        # whichever step refuses the request; its 404/405 still comes after the 401.
-        route: Route | None = None
+        policy, limit = settings.policy, settings.max_body_bytes
+        decision = walk.Decision(request.method, request.raw_path)
         try:
-            route = policy.match(request.method, path)
-            entry.route = route.name
-        except GatewayError as exc:
-            no_route = exc
-        if self.draining:
-            raise ShuttingDown("The gateway is shutting down; retry on another instance.")
-        caller = identify(request.headers, entry.peer, policy, loaded.verifier, time.time())
-        entry.principal, entry.role, entry.via = caller.principal, caller.role, caller.via
-        if route is None:
-            raise no_route
-        policy.authorize(route, caller.role)
-        body = await read_body(request, settings.max_body_bytes)
-        if route.batch is not None:
-            batch.check_media(
-                request.headers.get("Content-Type"), request.headers.get("Content-Encoding")
-            )
-            entry.record_ids = batch.checked_items(body, route.batch)
-            entry.batch_items = len(entry.record_ids)
-            self.metrics.batch_items.labels(route.name).observe(entry.batch_items)
-        elif request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            raise UnsupportedMediaType("Request bodies must not be compressed (Content-Encoding).")
+            walk.locate(decision, policy)
+            # After the route lookup, so that even ShuttingDown is counted by route.
+            if self.draining:
+                raise ShuttingDown("The gateway is shutting down; retry on another instance.")
+            walk.admit(decision, request.headers, entry.peer, policy, loaded.verifier, time.time())
+            body = await read_body(request, limit)
+            walk.check_body(decision, request.headers, body, policy, limit)
+        finally:
+            self._note(entry, decision)
         return await self._forward(request, settings, body, entry)
+
+    def _note(self, entry: Entry, decision: walk.Decision) -> None:
+        """Copy what the walk found into the access-log line (and the batch metric)."""
+        entry.path = decision.path if decision.path is not None else entry.path
+        entry.route = decision.route_name
+        caller = decision.caller
+        if caller is not None:
+            entry.principal, entry.role, entry.via = caller.principal, caller.role, caller.via
+        if decision.items is not None:  # a batch that passed validation, whatever follows
+            entry.record_ids = decision.items
+            entry.batch_items = len(decision.items)
+            self.metrics.batch_items.labels(entry.route).observe(entry.batch_items)
 
     async def _forward(
         self, request: web.BaseRequest, settings: Settings, body: bytes, entry: Entry
@@ -220,7 +217,7 @@ def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.R
 
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
-    too_large = PayloadTooLarge(f"The body is larger than {limit} bytes.")
+    too_large = walk.too_large(limit)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks: list[bytes] = []

@@ -705,7 +705,7 @@ POLICY_CASES: list[tuple[str, str, str, str, str]] = [
     ("unknown-top", "routes:\n", f"rutes: []  {MARK}\nroutes:\n", "rutes",
      "unknown key (allowed: principals, roles, routes, trusted_headers)"),
     ("unknown-route-key", "    min_role: MEMBER", f"    min_role: MEMBER\n    auth: none  {MARK}",
-     "routes[0].auth", "unknown key (allowed: batch, method, min_role, name, path)"),
+     "routes[0].auth", "unknown key (allowed: batch, method, min_role, name, params, path, rules)"),
     ("unknown-batch-key", "      unique: true", f"      unique: true\n      min_items: 1  {MARK}",
      "routes[0].batch.min_items",
      "unknown key (allowed: field, item_pattern, max_items, unique)"),
