@@ -26,6 +26,9 @@ Endpoints; the response shapes are the sandbox's own, not SOLAPI's::
       200 {"totalCount": t, "limit": l, "offset": o,
            "records": [{"recordId": id, "deletedAt": "...Z", "purgeAt": "...Z"}, ...]}
       restorable records only, newest deletion first; ISO 8601 UTC with milliseconds.
+    GET /cash/v1/balance
+      200 {"balance": 50000, "point": 1000}   fixed values: enough for the official
+      SDKs' own balance call (Python ``get_balance``, Node ``getBalance``) to work
 
 Introspection for tests, unsigned and not counted as API requests::
 
@@ -68,6 +71,7 @@ TRASHED_COUNT: Final = 1500
 PURGED_COUNT: Final = 20
 ACTIVE_COUNT: Final = 20
 MAX_BATCH: Final = 1000
+BALANCE: Final = {"balance": 50000, "point": 1000}
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 LOG_CAPACITY: Final = 5000
@@ -403,6 +407,10 @@ async def _trash(request: web.Request) -> web.Response:
     return _json({"totalCount": len(found), "limit": limit, "offset": offset, "records": page})
 
 
+async def _balance(request: web.Request) -> web.Response:
+    return _json(dict(BALANCE))
+
+
 async def _requests(request: web.Request) -> web.Response:
     return _json(request.app[STATE].log.as_json())
 
@@ -440,6 +448,7 @@ def build_app(
     app.router.add_get("/crm-core/v1/records/trash", _trash)
     app.router.add_delete("/crm-core/v1/records/{recordId}", _one_record)
     app.router.add_post("/crm-core/v1/records/{recordId}/restore", _one_record)
+    app.router.add_get("/cash/v1/balance", _balance)
     app.router.add_get(INTROSPECTION_PREFIX + "requests", _requests)
     app.router.add_post(INTROSPECTION_PREFIX + "reset", _reset)
     return app

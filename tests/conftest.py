@@ -585,3 +585,110 @@ def curl() -> Callable[..., Reply]:
         return parse_response(done.stdout, dechunk=False)
 
     return run
+
+
+# --- the shipped policy, with the test's callers (SDK keys, the records routes) ----------
+#
+#    sdk_key           (session)  an internal HMAC key pair, as an SDK service would hold
+#    shipped_gateway   (session)  ``config/policy.yaml``'s routes, the test tokens, the SDK
+#                                 key (MEMBER), trusted headers from 127.0.0.1, and a
+#                                 ``cash-balance`` route for the SDKs' balance call
+#    start_policy_gateway (function)  ``start(policy_text, **options)``: a gateway of its own
+
+
+@dataclass(frozen=True)
+class SdkKey:
+    api_key: str
+    secret: str
+    principal: str = "sdk-svc"
+
+
+CASH_BALANCE_ROUTE = """\
+  - name: cash-balance
+    method: GET
+    path: /cash/v1/balance
+    min_role: VIEWER
+"""
+
+
+def shipped_policy(creds: Creds, sdk_key: SdkKey) -> str:
+    """``config/policy.yaml`` as shipped, with the test principals and trusted headers."""
+    text = (Path(__file__).resolve().parent.parent / "config" / "policy.yaml").read_text()
+    assert "\nprincipals: []\n" in text, "config/policy.yaml no longer starts with no principals"
+    principals = "".join(
+        f"  - name: test-{role.lower()}\n"
+        f"    role: {role}\n"
+        f'    token_sha256: "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        for role, token in creds.tokens.items()
+    )
+    principals += (
+        f"  - name: {sdk_key.principal}\n"
+        "    role: MEMBER\n"
+        f'    hmac_key: "{sdk_key.api_key}"\n'
+        f'    hmac_secret: "{sdk_key.secret}"\n'
+    )
+    text = text.replace("\nprincipals: []\n", "\nprincipals:\n" + principals, 1)
+    assert text.rstrip().splitlines()[-1].startswith("    "), "routes: must come last"
+    return (
+        text.rstrip()
+        + "\n"
+        + CASH_BALANCE_ROUTE
+        + "trusted_headers:\n"
+        + f"  principal: {TRUSTED_PRINCIPAL}\n"
+        + f"  role: {TRUSTED_ROLE}\n"
+        + '  sources: ["127.0.0.1/32"]\n'
+    )
+
+
+def launch_policy_gateway(
+    workdir: Path, creds: Creds, upstream_url: str, policy: str, **options: Any
+) -> GatewayProc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, admin_port = free_port(), free_port()
+    while admin_port == port:
+        admin_port = free_port()
+    config = write_gateway_config(
+        workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
+    )
+    (workdir / "policy.yaml").write_text(policy, encoding="utf-8")
+    proc = Proc(
+        f"gateway :{port}", [cli(), "serve", "--config", str(config)], workdir / "gateway.stderr"
+    )
+    gateway = GatewayProc(proc, port, admin_port, config)
+    proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def sdk_key() -> SdkKey:
+    return SdkKey(f"NCSINT{secrets.token_hex(5).upper()}", secrets.token_urlsafe(24))
+
+
+@pytest.fixture(scope="session")
+def shipped_gateway(
+    tmp_path_factory: pytest.TempPathFactory, creds: Creds, sdk_key: SdkKey, sandbox: SandboxProc
+) -> Iterator[GatewayProc]:
+    workdir = tmp_path_factory.mktemp("shipped-gateway")
+    started = launch_policy_gateway(workdir, creds, sandbox.url, shipped_policy(creds, sdk_key))
+    yield started
+    started.proc.kill()
+
+
+@pytest.fixture
+def start_policy_gateway(
+    tmp_path: Path, creds: Creds, sandbox: SandboxProc
+) -> Iterator[Callable[..., GatewayProc]]:
+    """``start_policy_gateway(policy_text, upstream_url=None, **options)``."""
+    started: list[GatewayProc] = []
+
+    def start(policy: str, upstream_url: str | None = None, **options: Any) -> GatewayProc:
+        workdir = tmp_path / f"policy-gateway-{len(started)}"
+        gateway = launch_policy_gateway(
+            workdir, creds, upstream_url or sandbox.url, policy, **options
+        )
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.proc.kill()

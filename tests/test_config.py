@@ -188,7 +188,14 @@ def test_demo_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.secret_source == "file config/demo/api_secret"
     assert s.policy_path == "config/demo/policy.yaml"
     assert str(s.upstream.url) == "http://127.0.0.1:8089"
-    assert [r.name for r in s.policy.routes] == ["records-bulk-restore"]
+    assert [r.name for r in s.policy.routes] == [
+        "records-bulk-restore",
+        "records-bulk-delete",
+        "record-delete",
+        "record-restore",
+        "records-trash",
+        "cash-balance",
+    ]
     assert s.policy.trusted_headers is not None
     # The tokens named in the demo policy's comments really are the ones it lists.
     for token, name in [
@@ -223,7 +230,13 @@ def test_production_config_loads_with_key_in_env_and_secret_file(
     assert s.admin_listen == Address("127.0.0.1", 9090)
     assert s.policy.principals == ()
     assert s.policy.trusted_headers is None
-    assert [r.path for r in s.policy.routes] == ["/crm-core/v1/records/bulk/restore"]
+    assert [r.path for r in s.policy.routes] == [
+        "/crm-core/v1/records/bulk/restore",
+        "/crm-core/v1/records/bulk/delete",
+        "/crm-core/v1/records/{recordId}",
+        "/crm-core/v1/records/{recordId}/restore",
+        "/crm-core/v1/records/trash",
+    ]
 
 
 def test_production_config_without_the_api_key_in_env_is_an_error(tmp_path: Path) -> None:

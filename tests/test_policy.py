@@ -398,4 +398,4 @@ def test_the_shipped_policies_serve_bulk_restore_to_members(path: str) -> None:
         policy.match("GET", RESTORE)
     assert info.value.headers["Allow"] == "POST"
     with pytest.raises(RouteNotFound):
-        policy.match("POST", "/crm-core/v1/records/bulk/delete")
+        policy.match("POST", "/crm-core/v1/records")
