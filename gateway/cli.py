@@ -6,25 +6,34 @@
     check-config  validate config and policy (exit 2 listing every problem)
     sign          print an Authorization header for the configured credentials
     token new     mint a bearer token and its policy entry
+    explain       walk one request through the policy, step by step, sending nothing
 
-Exit codes: 0 fine, 1 could not run (e.g. a port in use), 2 bad config or usage.
+Exit codes: 0 fine, 1 could not run (e.g. a port in use), 2 bad config or usage;
+``explain``: 0 would forward, 1 would refuse, 2 bad config or usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
 import sys
+import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import __version__, config, demo, logs
+from multidict import CIMultiDict
+
+from gateway import __version__, config, demo, logs, walk
 from gateway.config import Settings
+from gateway.identity import verifier_for
+from gateway.policy import TrustedHeaders
 from gateway.signing import Secret, format_date, new_salt, parse
 from gateway.yamlsource import ConfigError
 
@@ -198,6 +207,83 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Walk one request through ``walk.decide``, the live gateway's own steps."""
+    if (args.principal is None) != (args.role is None):
+        print("explain: --principal and --role go together", file=sys.stderr)
+        return EXIT_CONFIG
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in args.header:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            print(f"--header: expected 'Name: value', got {line!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        headers.add(name.strip(), value.strip())
+    body = b""
+    if args.body is not None:
+        try:
+            if args.body == "-":
+                body = sys.stdin.buffer.read()
+            else:
+                with open(args.body, "rb") as fh:
+                    body = fh.read()
+        except OSError as exc:
+            print(f"--body: cannot read it: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+        headers.setdefault("Content-Type", "application/json")
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    policy, peer, assumed = settings.policy, args.peer, ""
+    if args.token is not None:
+        headers["Authorization"] = f"Bearer {args.token}"
+    elif args.principal is not None:
+        # As if sent with the trusted identity headers from a trusted peer. With
+        # trusted headers off, a stand-in pair is switched on for this run only.
+        trusted = policy.trusted_headers
+        if trusted is None:
+            stand_in = ipaddress.ip_network("127.0.0.1/32")
+            trusted = TrustedHeaders("X-Explain-Principal", "X-Explain-Role", (stand_in,))
+            policy = dataclasses.replace(policy, trusted_headers=trusted)
+            assumed = " [trusted headers are off in this policy: assumed for this run]"
+        headers[trusted.principal] = args.principal
+        headers[trusted.role] = args.role
+        if peer is None:
+            peer = str(trusted.sources[0].network_address)
+    decision = walk.decide(
+        args.method,
+        args.target,
+        headers,
+        peer or "127.0.0.1",
+        body,
+        policy,
+        verifier_for(policy),
+        time.time(),
+        settings.max_body_bytes,
+    )
+    print(explanation(decision, settings, assumed))
+    return 0 if decision.would_forward else 1
+
+
+def explanation(decision: walk.Decision, settings: Settings, assumed: str = "") -> str:
+    """One line per step of the walk, then the verdict as the last line."""
+    lines = [f"{decision.method} {decision.target}  (nothing is sent)"]
+    reached = {step.name: step for step in decision.steps}
+    for name in walk.STEPS:
+        step = reached.get(name)
+        if step is None:
+            lines.append(f"  {name:<9} -        not reached")
+            continue
+        detail = step.detail + (assumed if name == "identity" and step.ok else "")
+        lines.append(f"  {name:<9} {'ok' if step.ok else 'REFUSED':<8} {detail}")
+    if decision.error is not None:
+        lines.append(f"would refuse: {decision.error.status} {decision.error.code}")
+    else:
+        url = str(settings.upstream.url).rstrip("/") + decision.target
+        lines.append(f"would forward: {decision.method} {url}")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="solapi-gateway", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"solapi-gateway {__version__}")
@@ -239,6 +325,28 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument("--principal", required=True)
     new.add_argument("--role", required=True)
     new.set_defaults(func=cmd_token_new)
+    explain = with_config("explain", "walk one request through the policy; sends nothing")
+    who = explain.add_mutually_exclusive_group()
+    who.add_argument("--token", help="as a caller with this bearer token")
+    who.add_argument("--principal", help="with --role: as if sent with trusted identity headers")
+    explain.add_argument("--role", help="the role for --principal")
+    explain.add_argument("--body", help="file holding the request body ('-': stdin)")
+    explain.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header, as curl -H (repeatable); --body implies"
+        " Content-Type: application/json unless one is given",
+    )
+    explain.add_argument(
+        "--peer",
+        help="the caller's address (default: a trusted source with --principal, else 127.0.0.1)",
+    )
+    explain.add_argument("method", metavar="METHOD", help="e.g. POST (case-sensitive, as sent)")
+    explain.add_argument("target", metavar="PATH", help="the request target, query included")
+    explain.set_defaults(func=cmd_explain)
     return p
 
 
