@@ -2,9 +2,10 @@
 
     SIGHUP           reload config, policy and secret file together; keep the
                      old set if anything is invalid; reopen the audit log
+    SIGUSR1          only reopen the audit log (after logrotate moved it)
     SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
-                     finish within shutdown_grace_s, exit 0 (a second signal
-                     while draining changes nothing: it must not cut requests)
+                     finish within shutdown_grace_s, exit 0 (another signal
+                     while draining cuts nothing off)
 
 The admin listener (/healthz, /readyz, /metrics) is a separate aiohttp app on
 its own address, and keeps answering while the proxy drains.
@@ -125,12 +126,17 @@ def _reload_failed(gateway: Gateway, count: bool, errors: list[str]) -> bool:
     if count:
         gateway.metrics.reloads.labels("failure").inc()
     logs.emit("reload_failed", errors=errors)
+    reopen_audit(gateway)  # logrotate's postrotate SIGHUP needs it whatever the config says
+    return False
+
+
+def reopen_audit(gateway: Gateway) -> None:
+    """Reopen the current audit file under its name, e.g. after logrotate moved it."""
     path = gateway.loaded.settings.audit_log
-    try:  # logrotate's postrotate SIGHUP needs the reopen whatever the config says
+    try:
         _reopen_audit(gateway, path)
     except OSError as exc:
         logs.emit("audit_log_failed", path=path, error=exc.strerror or str(exc))
-    return False
 
 
 def named_principals(settings: Settings) -> frozenset[str]:
@@ -194,6 +200,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(gateway, count=not worker) and None)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_audit, gateway)
     logs.emit(
         "started",
         version=__version__,
@@ -212,8 +219,8 @@ async def serve(
     finally:
         # The handlers stay until the drain is over: Ctrl-C or systemd signal every
         # process of the group, so a worker may get SIGINT and then its supervisor's
-        # SIGTERM; the default action of that second signal would cut requests off.
-        loop.remove_signal_handler(signal.SIGHUP)
+        # SIGTERM (or a logrotate SIGHUP), and the default action of any of those
+        # would cut the requests in flight off.
         gateway.draining = True
         logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
         # Stops accepting at once, then waits for in-flight requests up to the grace.
@@ -223,7 +230,7 @@ async def serve(
             await admin.cleanup()
         if gateway.audit is not None:
             gateway.audit.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         logs.emit("stopped")
     return 0

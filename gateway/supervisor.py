@@ -8,7 +8,8 @@ owns everything that must exist once:
   multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is cleaned at start, set for
   every worker, and a dead worker's live gauges are dropped);
 - SIGHUP: the supervisor validates the new config once, counts the reload
-  once, and only then tells every worker to reload;
+  once, and only then tells every worker to reload; if it is invalid, the
+  workers only reopen their audit file (SIGUSR1);
 - SIGTERM/SIGINT: ``/readyz`` turns 503 and every worker drains on its own;
 - restarts: a worker that dies is replaced, unless workers die straight after
   starting again and again (a port taken, a broken install), when the
@@ -127,7 +128,12 @@ class Supervisor:
                 await asyncio.sleep(0.5)
 
     def _signal_all(self, sig: int) -> None:
+        # A worker installs its handlers before it reports ready: until then SIGHUP
+        # or SIGUSR1 would kill it (it reads the config as it starts anyway).
+        ready_only = sig in (signal.SIGHUP, signal.SIGUSR1)
         for worker in self.workers.values():
+            if ready_only and not worker.ready.is_set():
+                continue
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
@@ -138,6 +144,8 @@ class Supervisor:
         except ConfigError as exc:
             self.metrics.reloads.labels("failure").inc()
             logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
+            # The workers keep their set, but logrotate's SIGHUP still needs the reopen.
+            self._signal_all(signal.SIGUSR1)
             return
         self.metrics.reloads.labels("success").inc()
         moved = [
@@ -157,6 +165,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._signal_all, signal.SIGUSR1)
         watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
         logs.emit(
             "supervisor_started", version=__version__, pid=os.getpid(), workers=self.count,

@@ -768,6 +768,8 @@ async def test_sigterm_answers_20_requests_in_flight_and_refuses_new_connections
         assert json.loads(gw.admin("/readyz")[1]) == {"status": "draining"}
         assert gw.admin("/healthz")[0] == 200
         assert refused(gw.port)
+        for again in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):  # impatience, logrotate
+            gw.proc.popen.send_signal(again)
         replies = await asyncio.gather(*tasks)
         answered_s = time.monotonic() - signalled
         assert gw.proc.wait() == 0
@@ -848,8 +850,11 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
 ) -> None:
     metrics_dir = tmp_path / "metrics"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    gw = launch(tmp_path / "gw", creds, sandbox.url, workers=2, env=env)
+    audit_config = 'audit_log: "audit.jsonl"\n'
+    gw = launch(tmp_path / "gw", creds, sandbox.url, workers=2, env=env, extra_config=audit_config)
     started.append(gw)
+    audit = gw.config_path.parent / "audit.jsonl"
+    policy = gw.config_path.parent / "policy.yaml"
     await poll(lambda: len(worker_pids(gw)) == 2)
     first, second = worker_pids(gw)
 
@@ -866,6 +871,10 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
     assert {f"counter_{first}.db", f"counter_{second}.db"} <= set(os.listdir(metrics_dir))
     access = [e for e in events(gw) if e["event"] == "access"]
     assert len({e["request_id"] for e in access}) == len(access) == 200
+    # Both append to one audit file, a whole line at a time.
+    await poll(lambda: audit.read_text().count("\n") == 200)
+    audited = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {a["request_id"] for a in audited} == {e["request_id"] for e in access}
 
     os.kill(first, signal.SIGKILL)
     await poll(lambda: count_events(gw, "worker_exited") == 1)
@@ -877,8 +886,7 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
     assert total_requests(gw) == 250
 
     # SIGHUP to the supervisor: checked and counted once, applied by every worker.
-    edit(gw.config_path.parent / "policy.yaml", "min_role: MEMBER\n    batch:",
-         "min_role: VIEWER\n    batch:")  # fmt: skip
+    edit(policy, "min_role: MEMBER\n    batch:", "min_role: VIEWER\n    batch:")
     gw.proc.popen.send_signal(signal.SIGHUP)
     await poll(lambda: count_events(gw, "reloaded") == 2)
     assert await restore_many(gw, creds, 20, role="VIEWER") == [200] * 20
@@ -886,11 +894,26 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
     assert value(samples, "gateway_config_reloads_total", result="success") == 1
     assert value(samples, "gateway_config_reloads_total", result="failure") == 0
 
+    # logrotate, with a broken policy on disk: refused and counted once by the
+    # supervisor, the workers keep their set and still reopen the audit file.
+    edit(policy, "min_role: VIEWER\n    batch:", "min_role: ADMIN\n    batch:")
+    audit.rename(audit.with_name("audit.jsonl.1"))
+    gw.proc.popen.send_signal(signal.SIGHUP)
+    await poll(lambda: count_events(gw, "reload_failed") == 1)
+    assert await restore_many(gw, creds, 20, role="VIEWER") == [200] * 20
+    await poll(lambda: audit.exists() and audit.read_text().count("\n") == 20)
+    samples = scrape(gw)
+    assert value(samples, "gateway_config_reloads_total", result="success") == 1
+    assert value(samples, "gateway_config_reloads_total", result="failure") == 1
+    assert count_events(gw, "reload_failed") == 1  # not once more per worker
+
     assert gw.proc.stop(signal.SIGTERM) == 0
     assert all(not pid_alive(pid) for pid in (second, replacement))
 
     # A new run on the same folder starts from zero: the old files were cleared.
-    again = launch(tmp_path / "gw", creds, sandbox.url, workers=2, env=env)
+    again = launch(
+        tmp_path / "gw", creds, sandbox.url, workers=2, env=env, extra_config=audit_config
+    )
     started.append(again)
     assert family(scrape(again), "gateway_requests_total") == {}
     assert again.proc.stop(signal.SIGTERM) == 0
