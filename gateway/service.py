@@ -88,8 +88,10 @@ def _reopen_audit(gateway: Gateway, path: str | None) -> None:
         audit.reopen(path)
 
 
-def reload(gateway: Gateway, *, count: bool = True) -> bool:
+def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
     """Re-read everything the running config was loaded from; swap only if all is valid.
+
+    ``started`` is the set the process started with: its listeners are the ones bound.
 
     ``count`` is off in workers: their supervisor validated and counted this reload.
     The audit log is reopened either way, so a logrotate ``postrotate`` SIGHUP works
@@ -111,7 +113,7 @@ def reload(gateway: Gateway, *, count: bool = True) -> bool:
     moved = [
         name
         for name in ("listen", "admin_listen")
-        if getattr(fresh, name) != getattr(current, name)
+        if getattr(fresh, name) != getattr(started, name)
     ]
     logs.emit(
         "reloaded",
@@ -199,7 +201,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(gateway, count=not worker) and None)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: reload(gateway, settings, count=not worker) and None
+    )
     loop.add_signal_handler(signal.SIGUSR1, reopen_audit, gateway)
     logs.emit(
         "started",

@@ -67,6 +67,7 @@ class Supervisor:
         from gateway.metrics import Metrics  # after the multiprocess folder is set
 
         self.settings = settings
+        self.started_with = settings  # whose listen and admin_listen are the ones bound
         self.count = workers
         self.metrics = Metrics()
         self.workers: dict[int, Worker] = {}
@@ -149,7 +150,9 @@ class Supervisor:
             return
         self.metrics.reloads.labels("success").inc()
         moved = [
-            n for n in ("listen", "admin_listen") if getattr(fresh, n) != getattr(self.settings, n)
+            n
+            for n in ("listen", "admin_listen")
+            if getattr(fresh, n) != getattr(self.started_with, n)
         ]
         self.settings = fresh
         logs.emit("reloading_workers", **({"restart_needed_for": moved} if moved else {}))

@@ -635,7 +635,12 @@ async def test_sighup_applies_a_new_policy_and_keeps_it_when_the_next_is_invalid
     reloaded = [e for e in events(gw) if e["event"] == "reloaded"][-1]
     assert reloaded["restart_needed_for"] == ["listen"]
     assert refused(new_port)
-    assert value(scrape(gw), "gateway_config_reloads_total", result="success") == 2
+    await reload()  # and still so at the next reload: the old port is still the one bound
+    assert [e for e in events(gw) if e["event"] == "reloaded"][-1]["restart_needed_for"] == [
+        "listen"
+    ]
+    assert await viewer_restore() == 403
+    assert value(scrape(gw), "gateway_config_reloads_total", result="success") == 3
 
 
 @pytest.mark.e2e
