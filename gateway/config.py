@@ -55,6 +55,8 @@ class UpstreamSettings:
     url: URL
     connect_timeout_s: float
     timeout_s: float
+    max_concurrent: int = 512  # exchanges in flight at once, per process
+    queue_timeout_s: float = 0.1  # how long a request may wait for one of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +230,10 @@ def _audit_log(src: Source, node: yaml.Node, base: str) -> str | None:
 
 def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:
     keys = src.mapping(
-        node, "upstream", required=("url",), optional=("connect_timeout_s", "timeout_s")
+        node,
+        "upstream",
+        required=("url",),
+        optional=("connect_timeout_s", "timeout_s", "max_concurrent", "queue_timeout_s"),
     )
     if keys is None:
         return None
@@ -262,9 +267,18 @@ def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:
         at = keys.get("connect_timeout_s", keys.get("timeout_s", node))
         src.error(at, "upstream.connect_timeout_s", "must not exceed timeout_s")
         return None
-    if url is None or not connect or not total:
+    max_concurrent = 512
+    if "max_concurrent" in keys:
+        max_concurrent = (
+            src.integer(keys["max_concurrent"], "upstream.max_concurrent", minimum=1) or 0
+        )
+    queue = 0.1
+    if "queue_timeout_s" in keys:
+        read = src.number(keys["queue_timeout_s"], "upstream.queue_timeout_s", positive=False)
+        queue = read if read is not None else -1.0
+    if url is None or not connect or not total or not max_concurrent or queue < 0:
         return None
-    return UpstreamSettings(url, connect, total)
+    return UpstreamSettings(url, connect, total, max_concurrent, queue)
 
 
 def _credentials(src: Source, node: yaml.Node, base: str) -> tuple[Signer, str] | None:

@@ -21,6 +21,7 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
     ├── UnsupportedMediaType (415)
     ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
     ├── ShuttingDown (503)
+    ├── Overloaded (503)            no upstream slot free within queue_timeout_s
     └── UpstreamTimeout (504)       kind: timeout
 
 Upstream's own error answers are not GatewayErrors: they pass through as they are.
@@ -138,6 +139,11 @@ class UpstreamUnavailable(GatewayError):
 class ShuttingDown(GatewayError):
     status = 503
     code = "ShuttingDown"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    code = "Overloaded"
 
 
 class UpstreamTimeout(GatewayError):

@@ -34,8 +34,8 @@ def upstream_headers(
     incoming: MultiMapping[str],
     forward: tuple[str, ...],
     request_id: str,
-    authorization: str,
 ) -> CIMultiDict[str]:
+    """The headers upstream gets; ``Authorization`` is added per attempt when signing."""
     out: CIMultiDict[str] = CIMultiDict()
     for name in ALWAYS_FORWARDED:
         for value in incoming.getall(name, ()):
@@ -44,7 +44,6 @@ def upstream_headers(
         for value in incoming.getall(name, ()):
             out.add(name, value)
     out["X-Request-ID"] = request_id
-    out["Authorization"] = authorization
     return out
 
 

@@ -92,6 +92,12 @@ class Metrics:
             ("route", "kind"),
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries_total",
+            "Upstream attempts repeated, by reason (connect, throttle).",
+            ("route", "reason"),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_in_flight_requests",
             "Proxied requests being handled now.",

@@ -150,6 +150,8 @@ class Route:
     segments: tuple[str | None, ...] = field(default=(), repr=False)
     params: tuple[ParamRule, ...] = ()
     rules: tuple[BodyRule, ...] = ()
+    # ``retry: {on_throttle: true}``: repeat a 429/503 whose Retry-After fits the budget.
+    retry_on_throttle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +431,7 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
             item,
             path,
             required=("name", "method", "path", "min_role"),
-            optional=("batch", "params", "rules"),
+            optional=("batch", "params", "rules", "retry"),
         )
         if keys is None:
             continue
@@ -465,6 +467,9 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
         rules: tuple[BodyRule, ...] | None = ()
         if "rules" in keys:
             rules = _rules(src, keys["rules"], f"{path}.rules", roles, min_role)
+        on_throttle: bool | None = False
+        if "retry" in keys:
+            on_throttle = _retry(src, keys["retry"], f"{path}.retry")
         if route_path is not None:
             segments = tuple(None if _PARAM.fullmatch(s) else s for s in route_path.split("/"))
             if method is not None and (method, segments) in seen:
@@ -472,14 +477,24 @@ def _routes(src: Source, node: yaml.Node, roles: list[str] | None) -> list[Route
                 continue
             if method is not None:
                 seen.add((method, segments))
-        if None in (name, method, route_path, min_role, params, rules) or (
+        if None in (name, method, route_path, min_role, params, rules, on_throttle) or (
             "batch" in keys and batch is None
         ):
             continue
         assert name and method and route_path and min_role
-        assert params is not None and rules is not None
-        out.append(Route(name, method, route_path, min_role, batch, segments, params, rules))
+        assert params is not None and rules is not None and on_throttle is not None
+        out.append(
+            Route(name, method, route_path, min_role, batch, segments, params, rules, on_throttle)
+        )
     return out
+
+
+def _retry(src: Source, node: yaml.Node, path: str) -> bool | None:
+    """``retry: {on_throttle: BOOL}``: the only retry a route can opt into."""
+    keys = src.mapping(node, path, required=("on_throttle",))
+    if keys is None or "on_throttle" not in keys:
+        return None
+    return src.boolean(keys["on_throttle"], f"{path}.on_throttle")
 
 
 def _regex(src: Source, node: yaml.Node, path: str) -> re.Pattern[str] | None:

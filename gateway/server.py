@@ -28,7 +28,7 @@ from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown
 from gateway.headers import downstream_headers, request_id, upstream_headers
 from gateway.identity import verifier_for
 from gateway.metrics import Metrics
-from gateway.policy import UNMATCHED
+from gateway.policy import UNMATCHED, Route
 from gateway.signing import Verifier
 from gateway.upstream import Attempt, Upstream, failure
 
@@ -115,7 +115,8 @@ class Gateway:
             walk.check_body(decision, request.headers, body, policy, limit)
         finally:
             self._note(entry, decision)
-        return await self._forward(request, settings, body, entry)
+        assert decision.route is not None  # the walk passed every step
+        return await self._forward(request, settings, decision.route, body, entry)
 
     def _note(self, entry: Entry, decision: walk.Decision) -> None:
         """Copy what the walk found into the access-log line (and the batch metric)."""
@@ -130,24 +131,46 @@ class Gateway:
             self.metrics.batch_items.labels(entry.route).observe(entry.batch_items)
 
     async def _forward(
-        self, request: web.BaseRequest, settings: Settings, body: bytes, entry: Entry
+        self,
+        request: web.BaseRequest,
+        settings: Settings,
+        route: Route,
+        body: bytes,
+        entry: Entry,
     ) -> web.StreamResponse:
-        headers = upstream_headers(
-            request.headers,
-            settings.forward_headers,
-            entry.request_id,
-            settings.signer.fresh_header(),
-        )
+        headers = upstream_headers(request.headers, settings.forward_headers, entry.request_id)
         data = None if not body and request.method in _NO_BODY_METHODS else body
         attempt = Attempt()
-        started = time.perf_counter()
-        try:
-            answer = await self.upstream.send(
-                settings.upstream, request.method, request.raw_path, headers, data, attempt
-            )
-        except GatewayError:
-            self._upstream_done(entry, attempt, started)
-            raise
+        async with self.upstream.slot(settings.upstream):
+            started = time.perf_counter()
+            try:
+                answer = await self.upstream.exchange(
+                    settings.upstream,
+                    request.method,
+                    request.raw_path,
+                    headers,
+                    data,
+                    settings.signer.fresh_header,
+                    attempt,
+                    on_throttle=route.retry_on_throttle,
+                )
+            except GatewayError:
+                self._upstream_done(entry, attempt, started)
+                raise
+            try:
+                return await self._relay(request, answer, entry, attempt)
+            finally:
+                answer.release()
+                self._upstream_done(entry, attempt, started)
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        answer: aiohttp.ClientResponse,
+        entry: Entry,
+        attempt: Attempt,
+    ) -> web.StreamResponse:
+        """Stream upstream's answer back as it arrives."""
         entry.upstream_status = answer.status
         response = web.StreamResponse(
             status=answer.status,
@@ -169,9 +192,6 @@ class Gateway:
             entry.reason = f"upstream failed mid-body ({attempt.error_kind})"
             if request.transport is not None:
                 request.transport.abort()
-        finally:
-            answer.release()
-            self._upstream_done(entry, attempt, started)
         return response
 
     def _upstream_done(self, entry: Entry, attempt: Attempt, started: float) -> None:
@@ -179,8 +199,10 @@ class Gateway:
         entry.upstream_ms = round(seconds * 1000, 3)
         entry.attempts = attempt.attempts
         self.metrics.upstream_duration.labels(entry.route).observe(seconds)
-        if attempt.error_kind is not None:
-            self.metrics.upstream_errors.labels(entry.route, attempt.error_kind).inc()
+        for kind in attempt.failures:
+            self.metrics.upstream_errors.labels(entry.route, kind).inc()
+        for reason in attempt.retries:
+            self.metrics.upstream_retries.labels(entry.route, reason).inc()
 
     def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
         entry.errorCode = exc.code

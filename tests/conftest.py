@@ -692,3 +692,11 @@ def start_policy_gateway(
     yield start
     for gateway in started:
         gateway.proc.kill()
+
+
+async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (checked every 20 ms), or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)

@@ -444,7 +444,7 @@ CONFIG_CASES: list[tuple[str, str, str, str, str]] = [
     # (id, old text, new text with MARK on the expected line, key path, message part)
     ("unknown-top", "policy:", f"listn: x  {MARK}\npolicy:", "listn", "unknown key (allowed: "),
     ("unknown-upstream", "  timeout_s: 10", f"  timeout_s: 10\n  retries: 3  {MARK}",
-     "upstream.retries", "unknown key (allowed: connect_timeout_s, timeout_s, url)"),
+     "upstream.retries", "unknown key (allowed: connect_timeout_s, max_concurrent, "),
     ("unknown-credentials", '  api_key: "NCSTESTKEY000001"',
      f'  api_key: "NCSTESTKEY000001"\n  api_secrets: x  {MARK}', "credentials.api_secrets",
      "unknown key (allowed: api_key, api_secret, api_secret_file)"),
@@ -718,7 +718,8 @@ POLICY_CASES: list[tuple[str, str, str, str, str]] = [
     ("unknown-top", "routes:\n", f"rutes: []  {MARK}\nroutes:\n", "rutes",
      "unknown key (allowed: principals, roles, routes, trusted_headers)"),
     ("unknown-route-key", "    min_role: MEMBER", f"    min_role: MEMBER\n    auth: none  {MARK}",
-     "routes[0].auth", "unknown key (allowed: batch, method, min_role, name, params, path, rules)"),
+     "routes[0].auth",
+     "unknown key (allowed: batch, method, min_role, name, params, path, retry, rules)"),
     ("unknown-batch-key", "      unique: true", f"      unique: true\n      min_items: 1  {MARK}",
      "routes[0].batch.min_items",
      "unknown key (allowed: field, item_pattern, max_items, unique)"),

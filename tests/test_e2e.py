@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import DEMO_TOKENS
@@ -820,9 +821,18 @@ async def test_dead_upstream_is_502(
         for line in metrics.decode().splitlines()
         if line.startswith("gateway_upstream_errors_total{") and 'kind="connect"' in line
     ]
+    # A refused connection sent nothing, so it is retried: every attempt failed and counts.
+    attempts = stranded.access_lines()[-1]["attempts"]
+    assert attempts == 3
     assert len(counted) == 1
     assert 'route="records-bulk-restore"' in counted[0]
-    assert counted[0].endswith(" 1.0")
+    assert counted[0].endswith(f" {attempts:.1f}")
+    retried = [
+        line
+        for line in metrics.decode().splitlines()
+        if line.startswith("gateway_upstream_retries_total{") and 'reason="connect"' in line
+    ]
+    assert retried and retried[0].endswith(f" {attempts - 1:.1f}")
 
 
 async def test_slow_upstream_is_504_within_the_timeout(
@@ -1178,10 +1188,3 @@ async def test_sigterm_lets_the_request_in_flight_finish(
 
     assert_restored(await in_flight, ids)
     assert draining.proc.wait() == 0
-
-
-async def poll(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)

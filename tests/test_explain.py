@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+from conftest import poll
 
 from gateway import cli, signing
 from gateway.signing import Secret
@@ -375,7 +376,14 @@ async def test_explain_predicts_what_the_running_gateway_does(
             assert verdict == f"would refuse: {reply.status} {error}", (n, lines, reply.body)
             assert forwarded == 0, n
             seen_codes.add(error)
-        access = shipped_gateway.access_lines()[-1]
+        # A relayed answer reaches the caller just before its access line is written.
+        rid = reply.headers["X-Request-ID"]
+
+        def logged(rid: str = rid) -> list[dict[str, Any]]:
+            return [a for a in shipped_gateway.access_lines() if a["request_id"] == rid]
+
+        await poll(lambda: bool(logged()))
+        access = logged()[0]
         assert access["status"] == reply.status
         route = next((s for s in lines if s.startswith("  route     ok ")), None)
         if route is not None:  # the route explain named is the one the log names

@@ -35,20 +35,20 @@ INCOMING = CIMultiDict(
 
 
 def test_upstream_gets_only_the_allow_list_plus_its_own_headers() -> None:
-    out = upstream_headers(INCOMING, (), "rid-1", "HMAC-SHA256 apiKey=K, ...")
+    out = upstream_headers(INCOMING, (), "rid-1")
     assert sorted(name for name, _ in out.items()) == sorted(
         [
             "Content-Type", "Accept", "Accept", "Accept-Encoding", "Accept-Language",
-            "User-Agent", "X-Request-ID", "Authorization",
+            "User-Agent", "X-Request-ID",
         ]
     )  # fmt: skip
     assert out.getall("Accept") == ["application/json", "text/plain"]
-    assert out["Authorization"] == "HMAC-SHA256 apiKey=K, ..."
+    assert "Authorization" not in out  # the caller's never; the gateway signs per attempt
     assert out["X-Request-ID"] == "rid-1"
 
 
 def test_forward_headers_from_config_are_added() -> None:
-    out = upstream_headers(INCOMING, ("X-Trace",), "rid", "sig")
+    out = upstream_headers(INCOMING, ("X-Trace",), "rid")
     assert out["X-Trace"] == "t-1"
 
 

@@ -39,6 +39,7 @@ from conftest import (
     cli,
     free_port,
     http_request,
+    poll,
     write_gateway_config,
 )
 from prometheus_client import generate_latest
@@ -90,13 +91,6 @@ def ids_body(ids: list[Any]) -> bytes:
 
 def bearer(creds: Creds, role: str, **extra: str) -> dict[str, str]:
     return {"Content-Type": JSON_TYPE, "Authorization": creds.bearer(role), **extra}
-
-
-async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 def events(gateway: GatewayProc) -> list[dict[str, Any]]:
