@@ -20,6 +20,7 @@ a log pipeline can count them.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -28,7 +29,8 @@ from multidict import MultiMapping
 
 from gateway.errors import Unauthorized
 from gateway.policy import Policy
-from gateway.signing import MALFORMED, Rejected, Verifier, parse
+from gateway.replay import REPLAY_DB_ENV, SharedReplayCache
+from gateway.signing import MALFORMED, Rejected, ReplayMemory, Verifier, parse
 
 _MAX_TOKEN_CHARS: Final = 4096
 _PRINCIPAL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
@@ -112,6 +114,18 @@ def _hmac_reason(exc: Rejected, header: str) -> str:
 
 
 def verifier_for(policy: Policy, previous: Verifier | None = None) -> Verifier:
-    """A verifier for the policy's internal keys that keeps the replay memory across reloads."""
+    """A verifier for the policy's internal keys that keeps the replay memory across reloads.
+
+    The first one of a worker under ``serve --workers N`` (its supervisor names the
+    file in the environment) shares its memory with the other workers; a single
+    process keeps its own in memory.
+    """
     secrets = {p.hmac_key: p.hmac_secret for p in policy.principals if p.hmac_key and p.hmac_secret}
-    return Verifier(secrets, replay=previous.replay if previous is not None else None)
+    replay: ReplayMemory | None
+    if previous is not None:
+        replay = previous.replay
+    elif shared := os.environ.get(REPLAY_DB_ENV):
+        replay = SharedReplayCache(shared)
+    else:
+        replay = None  # the verifier's own ReplayCache
+    return Verifier(secrets, replay=replay)

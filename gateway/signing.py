@@ -22,7 +22,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 SCHEME: Final = "HMAC-SHA256"
 WINDOW_S: Final = 15 * 60
@@ -163,6 +163,22 @@ def parse(header: str) -> HmacCredentials:
     )
 
 
+REPLAY_REUSED: Final = "salt already used within the window"
+REPLAY_FULL: Final = "replay memory full"
+
+
+class ReplayMemory(Protocol):
+    """Where a verifier remembers the salts it accepted.
+
+    ``ReplayCache`` below for one process; ``gateway.replay.SharedReplayCache``
+    for the workers of ``serve --workers N``, which must all see every salt.
+    """
+
+    def check_and_add(self, key: str, now: float) -> str | None:
+        """Atomically record ``key``; return why it must be refused, or None if it is new."""
+        ...
+
+
 class ReplayCache:
     """Remembers (key, salt) pairs for as long as their signature could still verify.
 
@@ -191,9 +207,9 @@ class ReplayCache:
                 break
             del expiry[oldest_key]
         if key in expiry:
-            return "salt already used within the window"
+            return REPLAY_REUSED
         if len(expiry) >= self._max:
-            return "replay memory full"
+            return REPLAY_FULL
         expiry[key] = now + self._horizon
         return None
 
@@ -206,11 +222,11 @@ class Verifier:
         secrets_by_key: dict[str, Secret],
         *,
         window_s: float = WINDOW_S,
-        replay: ReplayCache | None = None,
+        replay: ReplayMemory | None = None,
     ) -> None:
         self._secrets = secrets_by_key
         self._window_s = window_s
-        self.replay = replay if replay is not None else ReplayCache(window_s)
+        self.replay: ReplayMemory = replay if replay is not None else ReplayCache(window_s)
 
     def verify(self, header: str, now: float) -> HmacCredentials:
         """Return the verified credentials, or raise Rejected with SOLAPI's errorCode."""

@@ -10,6 +10,9 @@ owns everything that must exist once:
 - SIGHUP: the supervisor validates the new config once, counts the reload
   once, and only then tells every worker to reload; if it is invalid, the
   workers only reopen their audit file (SIGUSR1);
+- the replay memory of internal HMAC signatures: one SQLite file that every
+  worker opens (``SOLAPI_GATEWAY_REPLAY_DB``), in a folder removed at exit, so
+  a replayed header is refused whichever worker it reaches;
 - SIGTERM/SIGINT: ``/readyz`` turns 503 and every worker drains on its own;
 - restarts: a worker that dies is replaced, unless workers die straight after
   starting again and again (a port taken, a broken install), when the
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 from gateway import __version__, config, logs
 from gateway.config import Settings
+from gateway.replay import REPLAY_DB_ENV
 from gateway.yamlsource import ConfigError
 
 READY_FD_ENV = "SOLAPI_GATEWAY_READY_FD"
@@ -189,9 +193,13 @@ class Supervisor:
 
 
 async def supervise(settings: Settings, workers: int, made_dir: str | None) -> int:
+    # One replay memory for all workers (gateway/replay.py), in a folder of this run's own.
+    replay_dir = tempfile.mkdtemp(prefix="solapi-gateway-replay-")
+    os.environ[REPLAY_DB_ENV] = os.path.join(replay_dir, "replay.sqlite3")
     try:
         return await Supervisor(settings, workers).run()
     finally:
+        shutil.rmtree(replay_dir, ignore_errors=True)
         if made_dir is not None:
             shutil.rmtree(made_dir, ignore_errors=True)
 
