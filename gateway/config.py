@@ -73,6 +73,8 @@ class Settings:
     shutdown_grace_s: float
     forward_headers: tuple[str, ...]
     workers: int = 1
+    keepalive_timeout_s: float = 75.0  # idle caller connections; also bounds sending headers
+    body_timeout_s: float = 15.0  # the most time a caller has to send a whole body
     audit_log: str | None = None  # the opt-in audit file, relative paths already resolved
 
 
@@ -124,7 +126,7 @@ def _load(src: Source, config_path: str) -> Settings | None:
         required=("upstream", "credentials"),
         optional=(
             "listen", "admin_listen", "policy", "max_body_bytes", "shutdown_grace_s",
-            "forward_headers", "workers", "audit_log",
+            "forward_headers", "workers", "keepalive_timeout_s", "body_timeout_s", "audit_log",
         ),
     )  # fmt: skip
     if keys is None:
@@ -148,17 +150,11 @@ def _load(src: Source, config_path: str) -> Settings | None:
     upstream = _upstream(src, keys["upstream"]) if "upstream" in keys else None
     creds = _credentials(src, keys["credentials"], base) if "credentials" in keys else None
 
-    max_body = 1_048_576
-    if "max_body_bytes" in keys:
-        max_body = src.integer(keys["max_body_bytes"], "max_body_bytes", minimum=1) or 0
-    grace = 20.0
-    if "shutdown_grace_s" in keys:
-        grace_read = src.number(keys["shutdown_grace_s"], "shutdown_grace_s", positive=False)
-        grace = grace_read if grace_read is not None else -1.0
-
-    workers = 1
-    if "workers" in keys:
-        workers = src.integer(keys["workers"], "workers", minimum=1) or 0
+    max_body = src.integer_at(keys, "", "max_body_bytes", 1_048_576, minimum=1)
+    grace = src.number_at(keys, "", "shutdown_grace_s", 20.0, positive=False)
+    workers = src.integer_at(keys, "", "workers", 1, minimum=1)
+    keepalive = src.number_at(keys, "", "keepalive_timeout_s", 75.0)
+    body_timeout = src.number_at(keys, "", "body_timeout_s", 15.0)
 
     policy_value: str | None = "policy.yaml"
     if "policy" in keys:
@@ -180,11 +176,12 @@ def _load(src: Source, config_path: str) -> Settings | None:
 
     forward = _forward_headers(src, keys.get("forward_headers"), policy)
     audit_log = _audit_log(src, keys["audit_log"], base) if "audit_log" in keys else None
-    invalid_number = min(max_body, workers) < 1 or grace < 0
+    numbers = (max_body, grace, workers, keepalive, body_timeout)
     invalid_audit = "audit_log" in keys and audit_log is None
-    if None in (listen, admin, upstream, creds, policy, forward) or invalid_number or invalid_audit:
+    if None in (listen, admin, upstream, creds, policy, forward, *numbers) or invalid_audit:
         return None
     assert listen and admin and upstream and creds and policy and forward is not None
+    assert max_body and grace is not None and workers and keepalive and body_timeout
     signer, secret_source = creds
     return Settings(
         config_path=config_path,
@@ -199,6 +196,8 @@ def _load(src: Source, config_path: str) -> Settings | None:
         shutdown_grace_s=grace,
         forward_headers=forward,
         workers=workers,
+        keepalive_timeout_s=keepalive,
+        body_timeout_s=body_timeout,
         audit_log=audit_log,
     )
 
@@ -257,26 +256,15 @@ def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:
                 src.error(keys["url"], "upstream.url", "must be http(s)://HOST[:PORT] only")
             else:
                 url = parsed.with_path("")
-    connect = 3.0
-    if "connect_timeout_s" in keys:
-        connect = src.number(keys["connect_timeout_s"], "upstream.connect_timeout_s") or 0.0
-    total = 30.0
-    if "timeout_s" in keys:
-        total = src.number(keys["timeout_s"], "upstream.timeout_s") or 0.0
+    connect = src.number_at(keys, "upstream", "connect_timeout_s", 3.0)
+    total = src.number_at(keys, "upstream", "timeout_s", 30.0)
+    max_concurrent = src.integer_at(keys, "upstream", "max_concurrent", 512, minimum=1)
+    queue = src.number_at(keys, "upstream", "queue_timeout_s", 0.1, positive=False)
     if connect and total and connect > total:
         at = keys.get("connect_timeout_s", keys.get("timeout_s", node))
         src.error(at, "upstream.connect_timeout_s", "must not exceed timeout_s")
         return None
-    max_concurrent = 512
-    if "max_concurrent" in keys:
-        max_concurrent = (
-            src.integer(keys["max_concurrent"], "upstream.max_concurrent", minimum=1) or 0
-        )
-    queue = 0.1
-    if "queue_timeout_s" in keys:
-        read = src.number(keys["queue_timeout_s"], "upstream.queue_timeout_s", positive=False)
-        queue = read if read is not None else -1.0
-    if url is None or not connect or not total or not max_concurrent or queue < 0:
+    if url is None or not connect or not total or not max_concurrent or queue is None:
         return None
     return UpstreamSettings(url, connect, total, max_concurrent, queue)
 

@@ -6,6 +6,7 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
 
     GatewayError
     ├── BadRequest (400)
+    │   ├── InvalidRequest          not parseable as HTTP/1.1, or two Host headers
     │   ├── InvalidPath
     │   ├── InvalidJSON
     │   ├── InvalidBody
@@ -17,8 +18,10 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
     ├── Forbidden (403)
     ├── RouteNotFound (404)
     ├── MethodNotAllowed (405)      carries the Allow header
+    ├── RequestTimeout (408)        the body did not arrive within body_timeout_s
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
+    ├── InternalError (500)         a fault in the gateway itself (logged with its traceback)
     ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
     ├── ShuttingDown (503)
     ├── Overloaded (503)            no upstream slot free within queue_timeout_s
@@ -61,6 +64,10 @@ class GatewayError(Exception):
 
 class BadRequest(GatewayError):
     status = 400
+
+
+class InvalidRequest(BadRequest):
+    code = "InvalidRequest"
 
 
 class InvalidPath(BadRequest):
@@ -121,6 +128,11 @@ class MethodNotAllowed(GatewayError):
         )
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "RequestTimeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "PayloadTooLarge"
@@ -129,6 +141,11 @@ class PayloadTooLarge(GatewayError):
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "UnsupportedMediaType"
+
+
+class InternalError(GatewayError):
+    status = 500
+    code = "InternalError"
 
 
 class UpstreamUnavailable(GatewayError):

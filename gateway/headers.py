@@ -27,6 +27,10 @@ def request_id(headers: MultiMapping[str]) -> str:
     given = headers.getall("X-Request-ID", ())
     if len(given) == 1 and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
+    return new_request_id()
+
+
+def new_request_id() -> str:
     return uuid.uuid4().hex
 
 

@@ -14,6 +14,8 @@ it starts, so a reload in the middle of it cannot mix old and new policy.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,11 +23,20 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import InvalidURLError
 
 from gateway import logs, walk
 from gateway.config import Settings
-from gateway.errors import GatewayError, PayloadTooLarge, ShuttingDown
-from gateway.headers import downstream_headers, request_id, upstream_headers
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidPath,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+)
+from gateway.headers import downstream_headers, new_request_id, request_id, upstream_headers
 from gateway.identity import verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED, Route
@@ -93,10 +104,36 @@ class Gateway:
             response = await self._walk(request, loaded, entry)
         except GatewayError as exc:
             response = self._refuse(exc, entry)
+        except Exception:
+            # A fault of the gateway's own, not a refusal: logged with its traceback,
+            # answered like every other error (or, once an answer has begun, cut).
+            logging.getLogger("gateway").exception("request %s failed", entry.request_id)
+            if request.writer.output_size > 0 and request.transport is not None:
+                request.transport.abort()
+            response = self._refuse(InternalError("The gateway failed on this request."), entry)
         finally:
             self.metrics.in_flight.dec()
         entry.status = response.status
         self._finish(entry, time.perf_counter() - started)
+        return response
+
+    def bad_request(
+        self, request: web.BaseRequest, status: int, exc: BaseException | None
+    ) -> web.StreamResponse:
+        """Answer a request aiohttp could not parse: see gateway/protocol.py."""
+        entry = Entry(new_request_id(), request.method, "", request.remote)
+        # The exception's class only: its text quotes the bytes, which may hold a token.
+        why = type(exc).__name__ if exc is not None else None
+        error: GatewayError
+        if isinstance(exc, InvalidURLError):
+            error = InvalidPath("The request target could not be parsed.", reason=why)
+        elif status < 500:
+            error = InvalidRequest("The request is not well-formed HTTP/1.1.", reason=why)
+        else:
+            error = InternalError("The gateway failed on this request.", reason=why)
+        response = self._refuse(error, entry)
+        entry.status = response.status
+        self._finish(entry, 0.0)
         return response
 
     async def _walk(
@@ -106,12 +143,15 @@ class Gateway:
         policy, limit = settings.policy, settings.max_body_bytes
         decision = walk.Decision(request.method, request.raw_path)
         try:
+            if len(request.headers.getall("Host", ())) > 1:
+                # RFC 9112 §3.2: which of two hosts was meant is anyone's guess.
+                raise InvalidRequest("The request carries more than one Host header.")
             walk.locate(decision, policy)
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
             walk.admit(decision, request.headers, entry.peer, policy, loaded.verifier, time.time())
-            body = await read_body(request, limit)
+            body = await read_body(request, limit, settings.body_timeout_s)
             walk.check_body(decision, request.headers, body, policy, limit)
         finally:
             self._note(entry, decision)
@@ -232,24 +272,30 @@ def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.R
     )
     # After a refused or half-read body the connection's state is not worth
     # trusting; and while draining, the caller should reconnect elsewhere.
-    if close or isinstance(exc, PayloadTooLarge | ShuttingDown):
+    if close or isinstance(exc, PayloadTooLarge | RequestTimeout | ShuttingDown | InvalidRequest):
         response.force_close()
     return response
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
+async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> bytes:
+    """The whole body: PayloadTooLarge as soon as it passes ``limit`` bytes,
+    RequestTimeout if it has not all arrived within ``timeout_s`` (a trickling
+    caller may hold a connection, but not for ever)."""
     too_large = walk.too_large(limit)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The body did not arrive within {timeout_s:g} s.") from None
     return b"".join(chunks)

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import __version__, config, logs
 from gateway.config import Settings
 from gateway.metrics import CONTENT_TYPE, Metrics, render
+from gateway.protocol import GatewayServer
 from gateway.server import Gateway
 from gateway.supervisor import signal_ready
 from gateway.yamlsource import ConfigError
@@ -165,11 +166,17 @@ async def serve(
         return 1
     await gateway.upstream.start()
     proxy = web.ServerRunner(
-        web.Server(
+        GatewayServer(
             gateway.handle,
+            gateway.bad_request,
             access_log=None,
             auto_decompress=False,  # the body is forwarded byte for byte
-            keepalive_timeout=75,
+            # One timer bounds both an idle kept-alive connection and a caller
+            # that never finishes sending its headers (see gateway/protocol.py).
+            keepalive_timeout=settings.keepalive_timeout_s,
+            # After a refusal, unread body bytes are drained this long at most, so
+            # the caller can read the answer before the connection is closed.
+            lingering_time=2.0,
         ),
         handle_signals=False,
         shutdown_timeout=settings.shutdown_grace_s,

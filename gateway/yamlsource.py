@@ -162,6 +162,28 @@ class Source:
             return None
         return float(value)
 
+    def integer_at(
+        self, keys: dict[str, yaml.Node], prefix: str, key: str, default: int, *, minimum: int = 0
+    ) -> int | None:
+        """The optional integer ``key`` of a mapping read with ``mapping``, else ``default``."""
+        if key not in keys:
+            return default
+        return self.integer(keys[key], join(prefix, key), minimum=minimum)
+
+    def number_at(
+        self,
+        keys: dict[str, yaml.Node],
+        prefix: str,
+        key: str,
+        default: float,
+        *,
+        positive: bool = True,
+    ) -> float | None:
+        """The optional number ``key`` of a mapping read with ``mapping``, else ``default``."""
+        if key not in keys:
+            return default
+        return self.number(keys[key], join(prefix, key), positive=positive)
+
     def boolean(self, node: yaml.Node, path: str) -> bool | None:
         value = self._scalar(node, path, "tag:yaml.org,2002:bool", "true or false")
         return value if isinstance(value, bool) else None

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Creds, GatewayProc, Reply
+from conftest import Creds, GatewayProc, Reply, poll
 
 from gateway import signing
 from gateway.sandbox import demo_record_id
@@ -159,6 +159,13 @@ def assert_error(reply: Reply, status: int, code: str) -> None:
     assert reply.json()["errorCode"] == code
 
 
+async def logged(gw: GatewayProc, requests: int) -> list[dict[str, Any]]:
+    """The access lines once there are ``requests`` of them: a relayed answer reaches
+    the caller just before its line (and its metrics) are written."""
+    await poll(lambda: len(gw.access_lines()) >= requests)
+    return gw.access_lines()
+
+
 def metric(gw: GatewayProc, prefix: str) -> dict[str, float]:
     _, text = gw.admin("/metrics")
     return {
@@ -207,6 +214,7 @@ async def test_no_answer_is_504_within_timeout_then_recovers(
     assert 0.9 < took < 2.0
     assert len(upstream.authorizations) == 1  # a request that reached upstream is not repeated
     assert (await restore(gw, creds, http_session)).status == 200
+    await logged(gw, 2)
     assert metric(gw, "gateway_upstream_errors_total") == {
         'gateway_upstream_errors_total{kind="timeout",route="records-bulk-restore"}': 1.0
     }
@@ -228,7 +236,7 @@ async def test_reset_before_the_headers_is_502_and_not_retried(
     assert_error(reply, 502, "UpstreamUnavailable")
     assert len(upstream.authorizations) == 1  # upstream may have acted: never sent twice
     assert (await restore(gw, creds, http_session)).status == 200
-    access = gw.access_lines()
+    access = await logged(gw, 2)
     assert access[0]["attempts"] == 1 and access[0]["status"] == 502
 
 
@@ -253,7 +261,7 @@ async def test_reset_half_way_through_the_body_cuts_the_callers_connection(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()  # ...so the caller sees a truncated body, not a whole one
     assert (await trash(gw, creds, http_session)).status == 200
-    cut = gw.access_lines()[0]
+    cut = (await logged(gw, 2))[0]
     assert "mid-body" in cut["reason"]
 
 
@@ -275,6 +283,7 @@ async def test_an_upstream_5xx_is_passed_back_as_it_is(
     assert reply.json() == {"errorCode": "InternalError"}
     assert len(upstream.authorizations) == 1
     assert (await trash(gw, creds, http_session)).status == 200
+    await logged(gw, 2)
     assert metric(gw, "gateway_upstream_errors_total") == {}  # an answer, not a failure
 
 
@@ -296,7 +305,7 @@ async def test_a_429_is_retried_with_a_new_signature_on_routes_that_opt_in(
     assert len(upstream.authorizations) == 2
     salts = {signing.parse(a).salt for a in upstream.authorizations}
     assert len(salts) == 2  # every attempt is signed afresh
-    assert gw.access_lines()[0]["attempts"] == 2
+    assert (await logged(gw, 1))[0]["attempts"] == 2
     assert metric(gw, "gateway_upstream_retries_total") == {
         'gateway_upstream_retries_total{reason="throttle",route="records-bulk-restore"}': 1.0
     }
