@@ -10,8 +10,8 @@ once per worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
+import os
 import signal
 import sqlite3
 import time
@@ -317,6 +317,12 @@ async def send_on_new_connections(gateway: GatewayProc, header: str, n: int) -> 
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
+def worker_pids(gateway: GatewayProc) -> list[int]:
+    """Every worker started so far, oldest first."""
+    events = gateway.events()
+    return [e["pid"] for e in events if e["event"] == "started" and e["pid"] != gateway.proc.pid]
+
+
 def reasons(gateway: GatewayProc) -> list[str]:
     return [str(e.get("reason")) for e in gateway.access_lines() if e["status"] == 401]
 
@@ -352,7 +358,15 @@ async def test_a_replayed_sdk_header_is_accepted_once_by_all_workers_together(
     assert await send_on_new_connections(gateway, sdk_header(), 1) == [200]
     assert sandbox.count() == before + 2
 
+    # A worker that dies is replaced by one that opens the same memory.
+    first_worker = worker_pids(gateway)[0]
+    os.kill(first_worker, signal.SIGKILL)
+    await poll(lambda: len(worker_pids(gateway)) == WORKERS + 1)
+    await poll(lambda: gateway.admin("/readyz")[0] == 200)
+    assert await send_on_new_connections(gateway, header, 2 * WORKERS) == [401] * 2 * WORKERS
+    assert sandbox.count() == before + 2
+
     assert gateway.proc.stop(signal.SIGTERM) == 0
     assert not replay_dir.exists()  # the supervisor removed it
     assert list(scratch.iterdir()) == []  # and its metrics folder too
-    assert all(json.dumps(e) for e in gateway.events())
+    assert gateway.events()  # every stderr line parses as JSON: no worker wrote a traceback
