@@ -10,6 +10,7 @@ once per worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
@@ -317,14 +318,21 @@ async def send_on_new_connections(gateway: GatewayProc, header: str, n: int) -> 
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
+def events(gateway: GatewayProc) -> list[dict[str, Any]]:
+    """The complete stderr lines so far (a worker may be halfway through the next one)."""
+    text = gateway.proc.stderr_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
 def worker_pids(gateway: GatewayProc) -> list[int]:
     """Every worker started so far, oldest first."""
-    events = gateway.events()
-    return [e["pid"] for e in events if e["event"] == "started" and e["pid"] != gateway.proc.pid]
+    pids = [e["pid"] for e in events(gateway) if e["event"] == "started"]
+    return [pid for pid in pids if pid != gateway.proc.pid]
 
 
 def reasons(gateway: GatewayProc) -> list[str]:
-    return [str(e.get("reason")) for e in gateway.access_lines() if e["status"] == 401]
+    lines = [e for e in events(gateway) if e["event"] == "access" and e["status"] == 401]
+    return [str(e.get("reason")) for e in lines]
 
 
 async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -347,13 +355,14 @@ async def test_a_replayed_sdk_header_is_accepted_once_by_all_workers_together(
     assert sorted(statuses) == [200] + [401] * (SENDS - 1)
     assert sandbox.count() == before + 1  # forwarded exactly once
     assert (replay_dir / "replay.sqlite3").exists()
+    await poll(lambda: len(reasons(gateway)) >= SENDS - 1)
     refused = reasons(gateway)
     assert len(refused) == SENDS - 1
     assert all(r.startswith("hmac reused (DuplicatedSignature)") for r in refused), refused
 
     # Every worker reloads (SIGHUP) and still remembers; a fresh header still passes.
     gateway.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: sum(e["event"] == "reloaded" for e in gateway.events()) == WORKERS)
+    await poll(lambda: sum(e["event"] == "reloaded" for e in events(gateway)) == WORKERS)
     assert await send_on_new_connections(gateway, header, 6) == [401] * 6
     assert await send_on_new_connections(gateway, sdk_header(), 1) == [200]
     assert sandbox.count() == before + 2
