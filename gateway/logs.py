@@ -25,10 +25,15 @@ from typing import Any, Final
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
 
 def now_iso() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    second = int(t)
+    if second != _second[0]:  # strftime once a second, not once a line
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int((t - second) * 1000):03d}Z"
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -18,7 +18,7 @@ module is imported and each scrape sums the workers' files.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -129,17 +129,40 @@ class Metrics:
             self.reloads.labels(result)
         # The names that get a principal label of their own; set from the policy.
         self.principals: frozenset[str] = frozenset()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: labels() validates and locks
+        on every call, and these few children are used on every request."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def request(
         self, route: str, method: str, status: int, seconds: float, principal: str | None = None
     ) -> None:
         label = method if method in _METHODS else "OTHER"
         code = str(status)
-        self.requests.labels(route, label, code).inc()
-        self.duration.labels(route).observe(seconds)
+        self._child(self.requests, route, label, code).inc()
+        self._child(self.duration, route).observe(seconds)
         if principal is not None:
             who = principal if principal in self.principals else OTHER_PRINCIPAL
-            self.principal_requests.labels(who, route, code).inc()
+            self._child(self.principal_requests, who, route, code).inc()
+
+    def rejected(self, route: str, code: str) -> None:
+        self._child(self.rejections, route, code).inc()
+
+    def batch(self, route: str, items: int) -> None:
+        self._child(self.batch_items, route).observe(items)
+
+    def upstream(self, route: str, seconds: float, failures: list[str], retries: list[str]) -> None:
+        self._child(self.upstream_duration, route).observe(seconds)
+        for kind in failures:
+            self._child(self.upstream_errors, route, kind).inc()
+        for reason in retries:
+            self._child(self.upstream_retries, route, reason).inc()
 
 
 def render(metrics: Metrics) -> bytes:

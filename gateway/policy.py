@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from gateway.batch import BatchRule
 from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
 from gateway.signing import Secret
 from gateway.yamlsource import Source
@@ -80,14 +81,6 @@ class TrustedHeaders:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.sources)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRule:
-    field: str
-    max_items: int
-    item_pattern: re.Pattern[str] | None
-    unique: bool
 
 
 Scalar = str | int | float | bool | None

@@ -168,7 +168,7 @@ class Gateway:
         if decision.items is not None:  # a batch that passed validation, whatever follows
             entry.record_ids = decision.items
             entry.batch_items = len(decision.items)
-            self.metrics.batch_items.labels(entry.route).observe(entry.batch_items)
+            self.metrics.batch(entry.route, entry.batch_items)
 
     async def _forward(
         self,
@@ -238,16 +238,12 @@ class Gateway:
         seconds = time.perf_counter() - started
         entry.upstream_ms = round(seconds * 1000, 3)
         entry.attempts = attempt.attempts
-        self.metrics.upstream_duration.labels(entry.route).observe(seconds)
-        for kind in attempt.failures:
-            self.metrics.upstream_errors.labels(entry.route, kind).inc()
-        for reason in attempt.retries:
-            self.metrics.upstream_retries.labels(entry.route, reason).inc()
+        self.metrics.upstream(entry.route, seconds, attempt.failures, attempt.retries)
 
     def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
         entry.errorCode = exc.code
         entry.reason = exc.reason
-        self.metrics.rejections.labels(entry.route, exc.code).inc()
+        self.metrics.rejected(entry.route, exc.code)
         return error_response(exc, entry.request_id, close=self.draining)
 
     def _finish(self, entry: Entry, seconds: float) -> None:

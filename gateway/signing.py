@@ -19,10 +19,11 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 SCHEME: Final = "HMAC-SHA256"
 WINDOW_S: Final = 15 * 60
@@ -75,6 +76,17 @@ def format_date(now: datetime) -> str:
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_formatted: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
+def current_date() -> str:
+    """``format_date`` of now, formatted once a second rather than once a request."""
+    second = int(time.time())
+    if second != _formatted[0]:
+        _formatted[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
+    return str(_formatted[1])
+
+
 def new_salt() -> str:
     return secrets.token_hex(16)
 
@@ -96,7 +108,7 @@ class Signer:
 
     def fresh_header(self) -> str:
         """A header with the current date and a new salt: one per upstream attempt."""
-        return self.header_for(format_date(datetime.now(UTC)), new_salt())
+        return self.header_for(current_date(), new_salt())
 
 
 # --- verifying --------------------------------------------------------------

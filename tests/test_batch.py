@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import batch
+from gateway.batch import BatchRule
 from gateway.errors import GatewayError
-from gateway.policy import BatchRule
 
 PATTERN = re.compile(r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$")
 RULE = BatchRule("recordIds", 1000, PATTERN, True)
@@ -167,3 +167,111 @@ def test_arbitrary_bytes_never_crash(raw: bytes) -> None:
         batch.validate(raw, RULE)
     except GatewayError as exc:
         assert exc.status == 400
+
+
+# --- the joined fast path must agree with the per-item loop -----------------------------
+
+PATTERNS = [
+    r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$",
+    r"[a-c]+",
+    r"^\d{1,3}$",
+    r"(ab|c)*",
+    r"\w+\b",
+    r"^$",
+    r".+",
+    r"(?:a|b)?c",
+    r"[^,]+",  # can match a newline: no fast path
+    r"(?s).+",
+    r"a(?=b)|b",
+    r"(a)\1",
+    r"\Aab\Z",
+    r"(?i)abc",
+    r"[\s\S]",
+    r"\D+",
+]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fast"),
+    [
+        (r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$", True),
+        (r"[a-c]+", True),
+        (r".+", True),
+        (r"\w+\b", True),
+        (r"[^,]+", False),
+        (r"(?s).+", False),
+        (r"a(?=b)|b", False),
+        (r"(a)\1", False),
+        (r"\Aab\Z", False),
+        (r"[\s\S]", False),
+        (r"\D+", False),
+        (r"[\x00-\x1f]", False),
+    ],
+)
+def test_the_joined_pattern_is_built_only_when_it_is_exact(pattern: str, fast: bool) -> None:
+    assert (BatchRule("ids", 10, re.compile(pattern), True).joined is not None) is fast
+
+
+@given(
+    st.sampled_from(PATTERNS),
+    st.lists(st.text(alphabet="abc,1 \n9xCRM", max_size=6), min_size=1, max_size=8),
+)
+def test_joined_check_agrees_with_the_item_by_item_check(pattern: str, items: list[str]) -> None:
+    compiled = re.compile(pattern)
+    rule = BatchRule("ids", 100, compiled, unique=False)
+    per_item = [i for i, item in enumerate(items) if not compiled.fullmatch(item)]
+    raw = body({"ids": items})
+    if per_item:
+        with pytest.raises(GatewayError) as err:
+            batch.validate(raw, rule)
+        assert err.value.details["indices"] == per_item[:10]
+    else:
+        assert batch.validate(raw, rule) == len(items)
+
+
+# --- the fast reader must read exactly what the strict reader reads ------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet='ab:"\\{}é\u2028', max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(alphabet="ab:", max_size=3), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def both_readers(raw: bytes) -> tuple[object, object]:
+    def read(reader: object) -> object:
+        try:
+            return ("ok", reader(raw))  # type: ignore[operator]
+        except GatewayError as exc:
+            return ("error", exc.code)
+
+    return read(batch.parse_json), read(batch._strict)
+
+
+@given(json_values)
+def test_fast_and_strict_readers_agree_on_documents(value: object) -> None:
+    fast, strict = both_readers(json.dumps(value).encode())
+    assert fast == strict
+
+
+@given(st.lists(st.sampled_from(['{"a":1,', '"a":2}', "[", "]", '"x:y"', ",", "1e999", "NaN",
+                                 "12345678901234567890123", ":", '"\\ud800"', "{}", " "]),
+                max_size=8))  # fmt: skip
+def test_fast_and_strict_readers_agree_on_fragments(parts: list[str]) -> None:
+    fast, strict = both_readers("".join(parts).encode())
+    assert fast == strict
+
+
+def test_duplicate_keys_are_caught_even_where_orjson_would_keep_the_last() -> None:
+    assert both_readers(b'{"recordIds": ["a"], "recordIds": ["b"]}')[0] == ("error", "InvalidJSON")
+    big = b'{"n": 123456789012345678901234567890}'
+    assert batch.parse_json(big) == {"n": 123456789012345678901234567890}  # exact, not a float
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    assert both_readers(deep)[0] == both_readers(deep)[1]
