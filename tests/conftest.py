@@ -700,3 +700,63 @@ async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         await asyncio.sleep(0.02)
+
+
+# --- a gateway with settings of its own ---------------------------------------------------
+#
+#    start_tuned_gateway (function)  ``start({"keepalive_timeout_s": 1}, **options)``: like
+#                                    ``start_gateway``, with top-level gateway.yaml keys set
+
+
+def tune_config(config: Path, settings: dict[str, Any]) -> None:
+    """Set top-level keys of a written gateway.yaml, replacing the line of one already set."""
+    lines = config.read_text(encoding="utf-8").splitlines()
+    for key, value in settings.items():
+        line = f"{key}: {json.dumps(value)}"  # JSON scalars and lists are YAML too
+        at = [n for n, old in enumerate(lines) if old.startswith(f"{key}:")]
+        if at:
+            lines[at[0]] = line
+        else:
+            lines.append(line)
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def launch_tuned_gateway(
+    workdir: Path, creds: Creds, upstream_url: str, settings: dict[str, Any], **options: Any
+) -> GatewayProc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, admin_port = free_port(), free_port()
+    while admin_port == port:
+        admin_port = free_port()
+    config = write_gateway_config(
+        workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
+    )
+    tune_config(config, settings)
+    proc = Proc(
+        f"gateway :{port}", [cli(), "serve", "--config", str(config)], workdir / "gateway.stderr"
+    )
+    gateway = GatewayProc(proc, port, admin_port, config)
+    proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
+    return gateway
+
+
+@pytest.fixture
+def start_tuned_gateway(
+    tmp_path: Path, creds: Creds, sandbox: SandboxProc
+) -> Iterator[Callable[..., GatewayProc]]:
+    """``start_tuned_gateway(settings, upstream_url=None, **options)``."""
+    started: list[GatewayProc] = []
+
+    def start(
+        settings: dict[str, Any], upstream_url: str | None = None, **options: Any
+    ) -> GatewayProc:
+        workdir = tmp_path / f"tuned-gateway-{len(started)}"
+        gateway = launch_tuned_gateway(
+            workdir, creds, upstream_url or sandbox.url, settings, **options
+        )
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.proc.kill()
