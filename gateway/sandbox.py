@@ -32,8 +32,12 @@ Endpoints; the response shapes are the sandbox's own, not SOLAPI's::
 
 Introspection for tests, unsigned and not counted as API requests::
 
-    GET  /_sandbox/requests  {"count": n, "accepted": a, "requests": [last 5000]}
-      count includes rejected requests; accepted counts verified ones. An entry has
+    GET  /_sandbox/requests  {"count": n, "accepted": a, "distinct_salts": d,
+                              "requests": [last 5000]}
+      count includes rejected requests; accepted counts verified ones; distinct_salts
+      counts the different salts among all of them (whose header parsed), kept whole
+      since the start or the last reset, so that a load test can check one fresh salt
+      per request far past the last 5000 entries (``bench/soak.py`` does). An entry has
       method, path (raw, no query), query (raw), headers (lowercased names, repeats
       joined with ", "), body_sha256, body_length, verified, status (null while
       still being answered), salt and api_key (null if the header did not parse).
@@ -192,19 +196,29 @@ class RequestLog:
     count: int = 0
     accepted: int = 0
     entries: deque[ReceivedRequest] = field(default_factory=lambda: deque(maxlen=LOG_CAPACITY))
+    # Every salt since the start or reset (about 100 bytes each): a test tool's memory.
+    salts: set[str] = field(default_factory=set)
 
     def add(self, entry: ReceivedRequest) -> None:
         self.count += 1
         self.entries.append(entry)
+        if entry.salt is not None:
+            self.salts.add(entry.salt)
 
     def reset(self) -> None:
         self.count = 0
         self.accepted = 0
         self.entries.clear()
+        self.salts.clear()
 
     def as_json(self) -> dict[str, Any]:
         entries = [dataclasses.asdict(entry) for entry in self.entries]
-        return {"count": self.count, "accepted": self.accepted, "requests": entries}
+        return {
+            "count": self.count,
+            "accepted": self.accepted,
+            "distinct_salts": len(self.salts),
+            "requests": entries,
+        }
 
 
 def _received(request: web.Request, body: bytes, authorizations: list[str]) -> ReceivedRequest:

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from solapi.lib.authenticator import Authenticator  # type: ignore[import-untyped]
 
+from gateway import sandbox as sandbox_module
 from gateway.sandbox import (
     ACTIVE_COUNT,
     PURGED_COUNT,
@@ -425,7 +426,7 @@ async def test_requests_log_counts_every_api_request(client: Client, clock: Fake
     assert resp.status == 403
 
     log = await received(client)
-    assert (log["count"], log["accepted"]) == (3, 1)
+    assert (log["count"], log["accepted"], log["distinct_salts"]) == (3, 1, 2)
     ok, missing, unknown = log["requests"]
     assert ok["method"] == "POST" and ok["path"] == RESTORE and ok["query"] == ""
     assert ok["body_sha256"] == hashlib.sha256(body).hexdigest()
@@ -457,6 +458,25 @@ async def test_raw_target_is_logged_undecoded(client: Client, clock: FakeClock) 
     writer.close()
     entry = (await received(client))["requests"][-1]
     assert (entry["path"], entry["query"]) == ("/crm-core/v1/a%2Fb", "x=%41&y")
+
+
+async def test_distinct_salts_are_counted_past_the_kept_entries(
+    aiohttp_client: MakeClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sandbox_module, "LOG_CAPACITY", 2)
+    client = await aiohttp_client(build_app({KEY: Secret(SECRET)}, clock=clock))
+    headers = [seed_header(clock.datetime()) for _ in range(4)]
+    statuses = [
+        (await post_restore(client, header)).status
+        for header in [*headers, headers[0]]  # the last replays the first
+    ]
+    assert statuses == [200, 200, 200, 200, 403]
+
+    log = await received(client)
+    assert (log["count"], log["accepted"], log["distinct_salts"]) == (5, 4, 4)
+    assert len(log["requests"]) == 2
+    assert (await client.post("/_sandbox/reset")).status == 200
+    assert (await received(client))["distinct_salts"] == 0
 
 
 async def test_reset_clears_the_log_but_not_the_records(api: Api, client: Client) -> None:
