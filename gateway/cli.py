@@ -75,7 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         made = supervisor.prepare_metrics_dir()
         return _run(supervisor.supervise(settings, workers, made))
     from gateway import service
+    from gateway.replay import REPLAY_DB_ENV
 
+    # Only a supervisor hands its workers a shared replay memory; one that leaked in
+    # from the shell must not make a lone process use somebody else's file.
+    os.environ.pop(REPLAY_DB_ENV, None)
     return _run(service.serve(settings))
 
 

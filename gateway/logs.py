@@ -38,10 +38,13 @@ def now_iso() -> str:
 
 def emit(event: str, **fields: Any) -> None:
     record = {"time": now_iso(), "event": event, **fields}
-    line = orjson.dumps(record, default=str).decode() + "\n"
+    line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
     try:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        sys.stderr.flush()  # anything written through the text layer goes first
+        # One write(2) per line, so lines from workers sharing stderr never interleave.
+        view = memoryview(line)
+        while view:
+            view = view[os.write(2, view) :]
     except (OSError, ValueError):  # a closed stderr must not take a request down with it
         pass
 

@@ -181,27 +181,29 @@ class Gateway:
         headers = upstream_headers(request.headers, settings.forward_headers, entry.request_id)
         data = None if not body and request.method in _NO_BODY_METHODS else body
         attempt = Attempt()
-        async with self.upstream.slot(settings.upstream):
-            started = time.perf_counter()
-            try:
-                answer = await self.upstream.exchange(
-                    settings.upstream,
-                    request.method,
-                    request.raw_path,
-                    headers,
-                    data,
-                    settings.signer.fresh_header,
-                    attempt,
-                    on_throttle=route.retry_on_throttle,
-                )
-            except GatewayError:
-                self._upstream_done(entry, attempt, started)
-                raise
-            try:
-                return await self._relay(request, answer, entry, attempt)
-            finally:
-                answer.release()
-                self._upstream_done(entry, attempt, started)
+        slot = await self.upstream.acquire_slot(settings.upstream)
+        started = time.perf_counter()
+        try:
+            answer = await self.upstream.exchange(
+                settings.upstream,
+                request.method,
+                request.raw_path,
+                headers,
+                data,
+                settings.signer.fresh_header,
+                attempt,
+                on_throttle=route.retry_on_throttle,
+            )
+        except GatewayError:
+            slot.release()
+            self._upstream_done(entry, attempt, started)
+            raise
+        try:
+            return await self._relay(request, answer, entry, attempt)
+        finally:
+            answer.release()
+            slot.release()
+            self._upstream_done(entry, attempt, started)
 
     async def _relay(
         self,

@@ -23,11 +23,10 @@ only grows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -75,23 +74,24 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    @contextlib.asynccontextmanager
-    async def slot(self, settings: UpstreamSettings) -> AsyncIterator[None]:
-        """Hold one of ``max_concurrent`` upstream slots for the whole exchange."""
+    async def acquire_slot(self, settings: UpstreamSettings) -> asyncio.Semaphore:
+        """Take one of ``max_concurrent`` upstream slots, for the whole exchange;
+        the caller releases the returned semaphore when the answer is relayed.
+        (A plain call, not a context manager: this runs on every request.)"""
         if self._slots is None or self._slots_size != settings.max_concurrent:
             # A reload that changes the bound starts a new semaphore; exchanges
-            # holding the old one finish under it.
+            # holding the old one release the old one.
             self._slots = asyncio.Semaphore(settings.max_concurrent)
             self._slots_size = settings.max_concurrent
         slots = self._slots
-        try:
-            await asyncio.wait_for(slots.acquire(), settings.queue_timeout_s)
-        except TimeoutError:
-            raise Overloaded("Too many requests in flight upstream; retry shortly.") from None
-        try:
-            yield
-        finally:
-            slots.release()
+        if slots.locked():  # only then wait (wait_for costs a task: not on every request)
+            try:
+                await asyncio.wait_for(slots.acquire(), settings.queue_timeout_s)
+            except TimeoutError:
+                raise Overloaded("Too many requests in flight upstream; retry shortly.") from None
+        else:
+            await slots.acquire()  # free: returns at once
+        return slots
 
     async def exchange(
         self,

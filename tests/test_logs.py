@@ -51,10 +51,10 @@ def problems(path: Path) -> list[str]:
 # --- stderr -----------------------------------------------------------------------------
 
 
-def test_emit_writes_one_json_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_emit_writes_one_json_object_per_line(capfd: pytest.CaptureFixture[str]) -> None:
     logs.emit("access", request_id="r1", path="/a\nb", status=200)
     logs.emit("reloaded", routes=1)
-    lines = capsys.readouterr().err.splitlines()
+    lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 2  # the newline in the path stays escaped inside its line
     first = json.loads(lines[0])
     assert (first["event"], first["request_id"], first["path"]) == ("access", "r1", "/a\nb")
@@ -110,11 +110,11 @@ def test_reopen_that_fails_keeps_the_old_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_failed_audit_write_is_logged_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_failed_audit_write_is_logged_not_raised(capfd: pytest.CaptureFixture[str]) -> None:
     audit = logs.AuditLog("/dev/full")
     audit.write_batch({"request_id": "r1"}, ["CRMRC1"])
     audit.close()
-    line = json.loads(capsys.readouterr().err)
+    line = json.loads(capfd.readouterr().err)
     assert (line["event"], line["path"]) == ("audit_log_failed", "/dev/full")
 
 

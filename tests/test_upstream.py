@@ -162,18 +162,14 @@ async def test_only_max_concurrent_exchanges_run_then_overloaded(
     upstream: Upstream, serve: Callable[[Handler], Awaitable[int]]
 ) -> None:
     conf = settings(closed_port(), max_concurrent=2, queue_timeout_s=0.05)
-    held = [upstream.slot(conf), upstream.slot(conf)]
-    for slot in held:
-        await slot.__aenter__()
+    held = [await upstream.acquire_slot(conf), await upstream.acquire_slot(conf)]
     started = time.monotonic()
     with pytest.raises(Overloaded) as err:
-        async with upstream.slot(conf):
-            pass
+        await upstream.acquire_slot(conf)
     assert err.value.status == 503 and time.monotonic() - started < 0.5
-    await held[0].__aexit__(None, None, None)
-    async with upstream.slot(conf):  # a freed slot is usable again
-        pass
-    await held[1].__aexit__(None, None, None)
+    held[0].release()
+    (await upstream.acquire_slot(conf)).release()  # a freed slot is usable again
+    held[1].release()
 
 
 @pytest.mark.parametrize(
