@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test setup lint unit e2e bench lock clean
+.PHONY: run test setup lint unit e2e bench soak lock clean
 
 run: $(STAMP)  ## the demo: sandbox upstream + gateway, prints curl lines
 	$(BIN)/solapi-gateway demo
@@ -35,6 +35,9 @@ bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes 
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; }
 	$(BIN)/python bench/run.py
+
+soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
+	$(BIN)/python bench/soak.py
 
 lock:  ## re-pin every dependency after changing pyproject.toml
 	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock
