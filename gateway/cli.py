@@ -160,17 +160,25 @@ def summary(s: Settings) -> str:
         f"  upstream {s.upstream.url} (connect {s.upstream.connect_timeout_s:g}s,"
         f" timeout {s.upstream.timeout_s:g}s)",
         f"  credentials: api key {shown_key}, secret from {s.secret_source}",
-        f"  max body {s.max_body_bytes} bytes, shutdown grace {s.shutdown_grace_s:g}s",
+        f"  max body {s.max_body_bytes} bytes, body timeout {s.body_timeout_s:g}s, "
+        f"keep-alive {s.keepalive_timeout_s:g}s, shutdown grace {s.shutdown_grace_s:g}s",
+        f"  upstream slots {s.upstream.max_concurrent} (wait {s.upstream.queue_timeout_s:g}s), "
+        f"workers {s.workers}" + (f", audit log {s.audit_log}" if s.audit_log else ""),
         f"  policy {s.policy_path}: roles {' < '.join(policy.roles)}; "
         f"{len(policy.principals)} principal(s); trusted headers {trusted}",
         f"  {len(policy.routes)} route(s):",
     ]
     for r in policy.routes:
-        rule = ""
+        extras = []
         if r.batch is not None:
             unique = ", unique" if r.batch.unique else ""
-            rule = f"  batch {r.batch.field}: 1..{r.batch.max_items}{unique}"
-        lines.append(f"    {r.name}: {r.method} {r.path}  {r.min_role}+{rule}")
+            extras.append(f"batch {r.batch.field}: 1..{r.batch.max_items}{unique}")
+        extras += [f"{p.name} checked" for p in r.params]
+        extras += [f"{rule.min_role}+ when {rule.when}" for rule in r.rules]
+        if r.retry_on_throttle:
+            extras.append("retries 429/503")
+        shown = "".join(f"; {extra}" for extra in extras)
+        lines.append(f"    {r.name}: {r.method} {r.path}  {r.min_role}+{shown}")
     return "\n".join(lines)
 
 
