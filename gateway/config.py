@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import yaml
 from yarl import URL
 
-from gateway.policy import Policy, load_policy
+from gateway.policy import Policy
+from gateway.policyfile import load_policy
 from gateway.signing import Secret, Signer
 from gateway.yamlsource import ConfigError, Problems, Source
 

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import Forbidden, MethodNotAllowed, RouteNotFound
-from gateway.policy import METHODS, Policy, Route, load_policy
+from gateway.policy import METHODS, Policy, Route
+from gateway.policyfile import load_policy
 from gateway.signing import Secret
 from gateway.yamlsource import Problems, Source
 

@@ -19,7 +19,8 @@ from multidict import CIMultiDict
 
 from gateway import walk
 from gateway.identity import verifier_for
-from gateway.policy import Condition, Policy, load_policy, same_json
+from gateway.policy import Condition, Policy, same_json
+from gateway.policyfile import load_policy
 from gateway.sandbox import demo_record_id
 from gateway.yamlsource import Problems, Source
 

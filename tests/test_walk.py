@@ -18,7 +18,8 @@ from multidict import CIMultiDict
 
 from gateway import signing, walk
 from gateway.identity import verifier_for
-from gateway.policy import Policy, load_policy
+from gateway.policy import Policy
+from gateway.policyfile import load_policy
 from gateway.signing import Secret, Verifier
 from gateway.yamlsource import Problems, Source
 
