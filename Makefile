@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -34,6 +34,8 @@ e2e: $(STAMP)
 bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes docs/performance.md
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; }
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
+	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds
 	$(BIN)/python bench/run.py
 
 soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
@@ -41,7 +43,7 @@ soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat
 
 lock:  ## re-pin every dependency after changing pyproject.toml
 	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock
-	/tmp/sgw-lock/bin/pip install -q -e '.[test]'
+	/tmp/sgw-lock/bin/pip install -q -e '.[test,bench]'
 	/tmp/sgw-lock/bin/pip freeze --exclude-editable | grep -v '^solapi-gateway' > requirements.lock
 
 clean:

@@ -21,10 +21,7 @@ hand-written analysis and is kept).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
 import re
 import shutil
 import signal
@@ -34,32 +31,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import (
+    RESTORE,
+    ROOT,
+    free_port,
+    machine,
+    rss_kib,
+    wait_for,
+    write_gateway_config,
+    write_section,
+)
+
 DOC = ROOT / "docs" / "performance.md"
 TOKEN = "bench-member-token"
-PATH = "/crm-core/v1/records/bulk/restore"
+PATH = RESTORE
 ANSWER = '{"requestedCount":10,"restoredCount":10,"failedCount":0,"results":[]}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(url: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"bench: {url} did not come up")
 
 
 def wait_port(port: int, timeout_s: float = 15.0) -> None:
@@ -74,13 +63,6 @@ def wait_port(port: int, timeout_s: float = 15.0) -> None:
 
 def record_ids(n: int) -> list[str]:
     return [f"CRMRC{i:016d}BENCH{i % 1000000:06d}" for i in range(n)]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def children(pid: int) -> list[int]:
@@ -132,23 +114,6 @@ def wrk(port: int, script: Path, conns: int, seconds: float) -> Run:
     return parse_wrk(out)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM; Linux {platform.release()}; "
-        f"Python {platform.python_version()}; "
-        + subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    )
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -191,40 +156,10 @@ http {{
         self.spawn(["nginx", "-c", str(conf)], f"{name}.log")
 
     def gateway_config(self, port: int, admin: int) -> Path:
-        folder = self.tmp / f"gw-{port}"
-        folder.mkdir()
-        (folder / "secret").write_text("bench-secret\n")
-        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
-        (folder / "policy.yaml").write_text(
-            f"""roles: [VIEWER, MEMBER, OWNER]
-principals:
-  - name: bench-svc
-    role: MEMBER
-    token_sha256: "{digest}"
-routes:
-  - name: records-bulk-restore
-    method: POST
-    path: {PATH}
-    min_role: MEMBER
-    batch:
-      field: recordIds
-      max_items: 1000
-      item_pattern: "^CRMRC[0-9]{{16}}[0-9A-Za-z]{{11}}$"
-      unique: true
-"""
+        upstream = f"http://127.0.0.1:{self.upstream_port}"
+        return write_gateway_config(
+            self.tmp / f"gw-{port}", port, admin, upstream, "NCSBENCH00000001", TOKEN
         )
-        (folder / "gateway.yaml").write_text(
-            f"""listen: "127.0.0.1:{port}"
-admin_listen: "127.0.0.1:{admin}"
-upstream:
-  url: "http://127.0.0.1:{self.upstream_port}"
-credentials:
-  api_key: "NCSBENCH00000001"
-  api_secret_file: "secret"
-shutdown_grace_s: 2
-"""
-        )
-        return folder / "gateway.yaml"
 
     def start(self) -> dict[str, Target]:
         up = self.upstream_port
@@ -324,7 +259,7 @@ def main() -> int:
         report = render(targets, rss_start, rss_end, rss_repeats, args)
         print("\n" + report)
         if not args.no_write:
-            write_doc(report)
+            write_section(DOC, "bench", "Performance", report)
     finally:
         bench.stop()
     return 0
@@ -342,7 +277,9 @@ def render(
     args: argparse.Namespace,
 ) -> str:
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on: {machine()}.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on: {machine()}; "
+        + subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+        + ".",
         f"wrk -t2, {args.duration:g} s per run after a {args.warmup:g} s warm-up, "
         f"{args.repeats} repeats, medians.",
         "",
@@ -380,18 +317,6 @@ def render(
         + ", ".join(f"{r / mib:.1f}" for r in rss_end["c2"]) + " MiB after the run.",
     ]  # fmt: skip
     return "\n".join(lines)
-
-
-def write_doc(report: str) -> None:
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    text = DOC.read_text() if DOC.exists() else f"# Performance\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(f"{head}{begin}\n{report}\n{end}{tail}")
-    print(f"bench: wrote {DOC.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import string
 import subprocess
@@ -42,61 +39,27 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import (
+    RESTORE,
+    ROOT,
+    free_port,
+    machine,
+    rss_kib,
+    wait_for,
+    write_gateway_config,
+    write_section,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "soak.md"
-PATH = "/crm-core/v1/records/bulk/restore"
 TOKEN = "soak-member-token"
 API_KEY = "NCSSOAK000000001"
 MAX_GROWTH = 0.10  # of the RSS after the warm-up
 ID_CHARS = string.ascii_letters + string.digits
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"soak: {proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"soak: {url} did not come up")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"soak: no VmRSS for process {pid}")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Linux {platform.release()}; "
-        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
-    )
 
 
 def revision() -> str:
@@ -131,47 +94,15 @@ class Processes:
 
     def start(self) -> tuple[str, str, subprocess.Popen[bytes]]:
         """Start both; return the sandbox URL, the gateway URL and the gateway process."""
-        secret = self.tmp / "api_secret"
-        secret.write_text("soak-secret-" + os.urandom(12).hex() + "\n")
         sandbox_port, port, admin = free_port(), free_port(), free_port()
         sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+        config = write_gateway_config(self.tmp, port, admin, sandbox_url, API_KEY, TOKEN)
         sandbox = self.spawn(
             ["sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--api-key", API_KEY,
-             "--api-secret-file", str(secret)],
+             "--api-secret-file", str(self.tmp / "secret")],
             "sandbox.log",
         )  # fmt: skip
         wait_for(sandbox_url + "/_sandbox/requests", sandbox)
-        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
-        (self.tmp / "policy.yaml").write_text(
-            f"""roles: [VIEWER, MEMBER, OWNER]
-principals:
-  - name: soak-svc
-    role: MEMBER
-    token_sha256: "{digest}"
-routes:
-  - name: records-bulk-restore
-    method: POST
-    path: {PATH}
-    min_role: MEMBER
-    batch:
-      field: recordIds
-      max_items: 1000
-      item_pattern: "^CRMRC[0-9]{{16}}[0-9A-Za-z]{{11}}$"
-      unique: true
-"""
-        )
-        config = self.tmp / "gateway.yaml"
-        config.write_text(
-            f"""listen: "127.0.0.1:{port}"
-admin_listen: "127.0.0.1:{admin}"
-upstream:
-  url: "{sandbox_url}"
-credentials:
-  api_key: "{API_KEY}"
-  api_secret_file: "{secret}"
-shutdown_grace_s: 5
-"""
-        )
         gateway = self.spawn(["serve", "--config", str(config), "--workers", "1"], "gateway.log")
         wait_for(f"http://127.0.0.1:{admin}/readyz", gateway)
         return sandbox_url, f"http://127.0.0.1:{port}", gateway
@@ -244,7 +175,7 @@ async def run_load(
 
     async def sample() -> None:
         while time.monotonic() < until:
-            samples.append((time.monotonic() - started, rss_mib(gateway_pid)))
+            samples.append((time.monotonic() - started, rss_kib(gateway_pid) / 1024))
             await asyncio.sleep(min(5.0, args.warmup))
 
     connector = aiohttp.TCPConnector(limit=args.clients)
@@ -252,7 +183,7 @@ async def run_load(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         sampler = asyncio.create_task(sample())
         await asyncio.gather(
-            *(client(session, url + PATH, args.ids, until, load) for _ in range(args.clients))
+            *(client(session, url + RESTORE, args.ids, until, load) for _ in range(args.clients))
         )
         await sampler
     return load, time.monotonic() - started, samples
@@ -279,10 +210,10 @@ def main() -> int:
         sandbox_url, url, gateway = procs.start()
         # The sandbox's books start now: nothing before the load is in them.
         urllib.request.urlopen(sandbox_url + "/_sandbox/reset", b"", timeout=10).close()
-        rss_start = rss_mib(gateway.pid)
+        rss_start = rss_kib(gateway.pid) / 1024
         when, load_before = time.gmtime(), os.getloadavg()[0]
         load, seconds, samples = asyncio.run(run_load(url, gateway.pid, args))
-        rss_end = rss_mib(gateway.pid)
+        rss_end = rss_kib(gateway.pid) / 1024
         books = get_json(sandbox_url + "/_sandbox/requests")
     finally:
         procs.stop()
@@ -307,7 +238,7 @@ def main() -> int:
         report += "\n\nFirst errors:\n" + "\n".join(f"    {e}" for e in load.error_samples)
     print(report)
     if not args.no_write:
-        write_doc(report)
+        write_section(DOC, "soak", "Soak", report)
     return 0 if all(checks.values()) else 1
 
 
@@ -351,18 +282,6 @@ def render(
             *(f"| {name} | {value} |" for name, value in rows),
         ]
     )
-
-
-def write_doc(report: str) -> None:
-    begin, end = "<!-- soak:begin -->", "<!-- soak:end -->"
-    text = DOC.read_text() if DOC.exists() else f"# Soak\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(f"{head}{begin}\n{report}\n{end}{tail}")
-    print(f"soak: wrote {DOC.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -60,12 +60,19 @@ def _load(path: str) -> Settings | None:
         return None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _load_logged(path: str) -> Settings | None:
+    """``_load`` for a serving process: its problems go out as one JSON log line."""
     logs.setup()
     try:
-        settings = config.load(args.config)
+        return config.load(path)
     except ConfigError as exc:
         logs.emit("config_error", errors=[str(p) for p in exc.problems])
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load_logged(args.config)
+    if settings is None:
         return EXIT_CONFIG
     workers = args.workers if args.workers is not None else settings.workers
     if workers > 1:
@@ -85,11 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One of ``serve --workers N``'s processes (started by the supervisor)."""
-    logs.setup()
-    try:
-        settings = config.load(args.config)
-    except ConfigError as exc:
-        logs.emit("config_error", errors=[str(p) for p in exc.problems])
+    settings = _load_logged(args.config)
+    if settings is None:
         return EXIT_CONFIG
     from gateway import service
 

@@ -1,0 +1,117 @@
+"""What bench/run.py and bench/soak.py share: ports, waiting, RSS, the machine's
+description, a gateway config of their own, and their section of a docs/ page."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+RESTORE = "/crm-core/v1/records/bulk/restore"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 15.0
+) -> None:
+    """Until ``url`` answers; fail at once if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"bench: {proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"bench: {url} did not come up")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit(f"bench: no VmRSS for process {pid}")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Linux {platform.release()}; "
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
+    )
+
+
+def write_gateway_config(
+    folder: Path, port: int, admin: int, upstream_url: str, api_key: str, token: str
+) -> Path:
+    """A gateway.yaml + policy.yaml in ``folder`` with the restore route and one MEMBER
+    token; the secret file holds a random secret. Returns the gateway.yaml path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "secret").write_text("bench-secret-" + os.urandom(12).hex() + "\n")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    (folder / "policy.yaml").write_text(
+        f"""roles: [VIEWER, MEMBER, OWNER]
+principals:
+  - name: bench-svc
+    role: MEMBER
+    token_sha256: "{digest}"
+routes:
+  - name: records-bulk-restore
+    method: POST
+    path: {RESTORE}
+    min_role: MEMBER
+    batch:
+      field: recordIds
+      max_items: 1000
+      item_pattern: "^CRMRC[0-9]{{16}}[0-9A-Za-z]{{11}}$"
+      unique: true
+"""
+    )
+    (folder / "gateway.yaml").write_text(
+        f"""listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+upstream:
+  url: "{upstream_url}"
+credentials:
+  api_key: "{api_key}"
+  api_secret_file: "secret"
+shutdown_grace_s: 2
+"""
+    )
+    return folder / "gateway.yaml"
+
+
+def write_section(doc: Path, name: str, title: str, report: str) -> None:
+    """Put ``report`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in
+    ``doc``, keeping everything around it (the hand-written analysis)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(f"{head}{begin}\n{report}\n{end}{tail}")
+    print(f"{name}: wrote {doc.relative_to(ROOT)}")
