@@ -60,9 +60,7 @@ def test_parse_and_validate_10_ids(benchmark: Any) -> None:
 def test_decision_path_for_a_10_id_request(benchmark: Any) -> None:
     rules = policy()
     verifier = verifier_for(rules)
-    headers = CIMultiDict(
-        {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    )
+    headers = CIMultiDict({"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     raw = body(10)
 
     def decide() -> walk.Decision:
