@@ -279,9 +279,8 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
     """The whole body: PayloadTooLarge as soon as it passes ``limit`` bytes,
     RequestTimeout if it has not all arrived within ``timeout_s`` (a trickling
     caller may hold a connection, but not for ever)."""
-    too_large = walk.too_large(limit)
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise walk.too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -292,7 +291,7 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
                     break
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise walk.too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"The body did not arrive within {timeout_s:g} s.") from None
