@@ -411,7 +411,17 @@ def write_gateway_config(
     return config
 
 
-def launch_gateway(workdir: Path, creds: Creds, upstream_url: str, **options: Any) -> GatewayProc:
+def launch_gateway(
+    workdir: Path,
+    creds: Creds,
+    upstream_url: str,
+    *,
+    policy: str | None = None,
+    settings: dict[str, Any] | None = None,
+    **options: Any,
+) -> GatewayProc:
+    """A ``serve`` process with the test config; ``policy`` replaces the test policy's
+    text, ``settings`` sets top-level gateway.yaml keys (see ``tune_config``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     while admin_port == port:
@@ -419,6 +429,10 @@ def launch_gateway(workdir: Path, creds: Creds, upstream_url: str, **options: An
     config = write_gateway_config(
         workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
     )
+    if policy is not None:
+        (workdir / "policy.yaml").write_text(policy, encoding="utf-8")
+    if settings:
+        tune_config(config, settings)
     proc = Proc(
         f"gateway :{port}", [cli(), "serve", "--config", str(config)], workdir / "gateway.stderr"
     )
@@ -640,25 +654,6 @@ def shipped_policy(creds: Creds, sdk_key: SdkKey) -> str:
     )
 
 
-def launch_policy_gateway(
-    workdir: Path, creds: Creds, upstream_url: str, policy: str, **options: Any
-) -> GatewayProc:
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
-    while admin_port == port:
-        admin_port = free_port()
-    config = write_gateway_config(
-        workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
-    )
-    (workdir / "policy.yaml").write_text(policy, encoding="utf-8")
-    proc = Proc(
-        f"gateway :{port}", [cli(), "serve", "--config", str(config)], workdir / "gateway.stderr"
-    )
-    gateway = GatewayProc(proc, port, admin_port, config)
-    proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
-    return gateway
-
-
 @pytest.fixture(scope="session")
 def sdk_key() -> SdkKey:
     return SdkKey(f"NCSINT{secrets.token_hex(5).upper()}", secrets.token_urlsafe(24))
@@ -669,7 +664,7 @@ def shipped_gateway(
     tmp_path_factory: pytest.TempPathFactory, creds: Creds, sdk_key: SdkKey, sandbox: SandboxProc
 ) -> Iterator[GatewayProc]:
     workdir = tmp_path_factory.mktemp("shipped-gateway")
-    started = launch_policy_gateway(workdir, creds, sandbox.url, shipped_policy(creds, sdk_key))
+    started = launch_gateway(workdir, creds, sandbox.url, policy=shipped_policy(creds, sdk_key))
     yield started
     started.proc.kill()
 
@@ -683,8 +678,8 @@ def start_policy_gateway(
 
     def start(policy: str, upstream_url: str | None = None, **options: Any) -> GatewayProc:
         workdir = tmp_path / f"policy-gateway-{len(started)}"
-        gateway = launch_policy_gateway(
-            workdir, creds, upstream_url or sandbox.url, policy, **options
+        gateway = launch_gateway(
+            workdir, creds, upstream_url or sandbox.url, policy=policy, **options
         )
         started.append(gateway)
         return gateway
@@ -721,25 +716,6 @@ def tune_config(config: Path, settings: dict[str, Any]) -> None:
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def launch_tuned_gateway(
-    workdir: Path, creds: Creds, upstream_url: str, settings: dict[str, Any], **options: Any
-) -> GatewayProc:
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
-    while admin_port == port:
-        admin_port = free_port()
-    config = write_gateway_config(
-        workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
-    )
-    tune_config(config, settings)
-    proc = Proc(
-        f"gateway :{port}", [cli(), "serve", "--config", str(config)], workdir / "gateway.stderr"
-    )
-    gateway = GatewayProc(proc, port, admin_port, config)
-    proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
-    return gateway
-
-
 @pytest.fixture
 def start_tuned_gateway(
     tmp_path: Path, creds: Creds, sandbox: SandboxProc
@@ -751,8 +727,8 @@ def start_tuned_gateway(
         settings: dict[str, Any], upstream_url: str | None = None, **options: Any
     ) -> GatewayProc:
         workdir = tmp_path / f"tuned-gateway-{len(started)}"
-        gateway = launch_tuned_gateway(
-            workdir, creds, upstream_url or sandbox.url, settings, **options
+        gateway = launch_gateway(
+            workdir, creds, upstream_url or sandbox.url, settings=settings, **options
         )
         started.append(gateway)
         return gateway

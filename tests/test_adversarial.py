@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
-from conftest import launch_tuned_gateway, parse_response, poll
+from conftest import launch_gateway, parse_response, poll
 
 if TYPE_CHECKING:
     from conftest import Creds, GatewayProc, Reply, SandboxProc
@@ -227,8 +227,8 @@ def hardened(
     tmp_path_factory: pytest.TempPathFactory, creds: Creds, sandbox: SandboxProc
 ) -> Iterator[GatewayProc]:
     """A gateway with keepalive_timeout_s and body_timeout_s of 1 s and a 1 MiB body limit."""
-    started = launch_tuned_gateway(
-        tmp_path_factory.mktemp("hardened"), creds, sandbox.url, HARDENED
+    started = launch_gateway(
+        tmp_path_factory.mktemp("hardened"), creds, sandbox.url, settings=HARDENED
     )
     yield started
     started.proc.kill()

@@ -101,10 +101,19 @@ class FakeUpstream:
             writer.close()
 
 
-async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(answer(200))
-    await writer.drain()
-    return True
+def replying(status: int, body: bytes = OK_BODY, extra: str = "") -> Behaviour:
+    """A behaviour that answers with ``status`` and keeps the connection."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(status, body, extra))
+        await writer.drain()
+        return True
+
+    return reply
+
+
+ok = replying(200)
+THROTTLED = replying(429, b'{"errorCode":"TooManyRequests"}', "Retry-After: 0\r\n")
 
 
 @pytest.fixture
@@ -271,12 +280,7 @@ async def test_an_upstream_5xx_is_passed_back_as_it_is(
     creds: Creds,
     http_session: aiohttp.ClientSession,
 ) -> None:
-    async def boom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(500, b'{"errorCode":"InternalError"}'))
-        await writer.drain()
-        return True
-
-    upstream.script = [boom]
+    upstream.script = [replying(500, b'{"errorCode":"InternalError"}')]
     gw = gateway_for(upstream.url)
     reply = await trash(gw, creds, http_session)
     assert reply.status == 500 and "X-Gateway-Error" not in reply.headers
@@ -293,12 +297,7 @@ async def test_a_429_is_retried_with_a_new_signature_on_routes_that_opt_in(
     creds: Creds,
     http_session: aiohttp.ClientSession,
 ) -> None:
-    async def throttled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(429, b'{"errorCode":"TooManyRequests"}', "Retry-After: 0\r\n"))
-        await writer.drain()
-        return True
-
-    upstream.script = [throttled]
+    upstream.script = [THROTTLED]
     gw = gateway_for(upstream.url)
     reply = await restore(gw, creds, http_session)
     assert reply.status == 200
@@ -317,12 +316,7 @@ async def test_a_429_passes_through_where_the_route_did_not_opt_in(
     creds: Creds,
     http_session: aiohttp.ClientSession,
 ) -> None:
-    async def throttled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(429, b'{"errorCode":"TooManyRequests"}', "Retry-After: 0\r\n"))
-        await writer.drain()
-        return True
-
-    upstream.script = [throttled]
+    upstream.script = [THROTTLED]
     gw = gateway_for(upstream.url)
     reply = await trash(gw, creds, http_session)
     assert reply.status == 429 and reply.headers["Retry-After"] == "0"
@@ -335,12 +329,7 @@ async def test_a_429_whose_retry_after_does_not_fit_is_passed_back_at_once(
     creds: Creds,
     http_session: aiohttp.ClientSession,
 ) -> None:
-    async def throttled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(429, b"{}", "Retry-After: 60\r\n"))
-        await writer.drain()
-        return True
-
-    upstream.script = [throttled]
+    upstream.script = [replying(429, b"{}", "Retry-After: 60\r\n")]
     gw = gateway_for(upstream.url)
     reply, took = await timed(restore(gw, creds, http_session))
     assert reply.status == 429 and took < 1.0
