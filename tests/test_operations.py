@@ -858,6 +858,9 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
     first, second = worker_pids(gw)
 
     assert await restore_many(gw, creds, 200) == [200] * 200
+    # Each request is counted and logged just after its answer is relayed.
+    await poll(lambda: total_requests(gw) == 200)
+    await poll(lambda: sum(e["event"] == "access" for e in events(gw)) == 200)
     samples = scrape(gw)
     assert family(samples, "gateway_requests_total") == {
         labelled(route=RESTORE_ROUTE, method="POST", status="200"): 200.0
