@@ -56,7 +56,6 @@ import functools
 import hashlib
 import json
 import re
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -67,6 +66,7 @@ from typing import Any, Final, Literal
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from gateway import logs
 from gateway.signing import MALFORMED, Rejected, Secret, Verifier, parse
 
 RETENTION_S: Final = 14 * 24 * 3600
@@ -468,11 +468,6 @@ def build_app(
     return app
 
 
-def _emit(event: dict[str, Any]) -> None:
-    sys.stderr.write(json.dumps(event) + "\n")
-    sys.stderr.flush()
-
-
 async def run_sandbox(
     host: str,
     port: int,
@@ -488,10 +483,10 @@ async def run_sandbox(
         await web.TCPSite(runner, host, port).start()
         actual = int(runner.addresses[0][1])
         shown = f"[{host}]" if ":" in host else host
-        _emit({"event": "sandbox_ready", "listen": f"{shown}:{actual}"})
+        logs.emit("sandbox_ready", listen=f"{shown}:{actual}")
         if ready is not None:
             ready(actual)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
-        _emit({"event": "sandbox_stopped"})
+        logs.emit("sandbox_stopped")
