@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -115,3 +117,16 @@ def write_section(doc: Path, name: str, title: str, report: str) -> None:
     doc.parent.mkdir(exist_ok=True)
     doc.write_text(f"{head}{begin}\n{report}\n{end}{tail}")
     print(f"{name}: wrote {doc.relative_to(ROOT)}")
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], tmp: Path, grace_s: float) -> None:
+    """SIGTERM every process still running, kill what outlives ``grace_s``, remove ``tmp``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(tmp, ignore_errors=True)

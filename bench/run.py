@@ -24,7 +24,6 @@ import argparse
 import json
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from common import (
     free_port,
     machine,
     rss_kib,
+    stop_all,
     wait_for,
     write_gateway_config,
     write_section,
@@ -203,15 +203,7 @@ http {{
         return [rss_kib(p) for p in self.worker_pids(key)]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_all(self.procs, self.tmp, 5)
 
 
 def main() -> int:

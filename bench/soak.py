@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import signal
 import statistics
 import string
 import subprocess
@@ -45,6 +43,7 @@ from common import (
     free_port,
     machine,
     rss_kib,
+    stop_all,
     wait_for,
     write_gateway_config,
     write_section,
@@ -108,15 +107,7 @@ class Processes:
         return sandbox_url, f"http://127.0.0.1:{port}", gateway
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_all(self.procs, self.tmp, 10)
 
 
 @dataclass

@@ -670,23 +670,34 @@ def shipped_gateway(
 
 
 @pytest.fixture
-def start_policy_gateway(
+def start_own_gateway(
     tmp_path: Path, creds: Creds, sandbox: SandboxProc
 ) -> Iterator[Callable[..., GatewayProc]]:
-    """``start_policy_gateway(policy_text, upstream_url=None, **options)``."""
+    """``start(upstream_url=None, **launch_gateway_options)``: a gateway of its own,
+    killed after the test (behind the two fixtures below)."""
     started: list[GatewayProc] = []
 
-    def start(policy: str, upstream_url: str | None = None, **options: Any) -> GatewayProc:
-        workdir = tmp_path / f"policy-gateway-{len(started)}"
-        gateway = launch_gateway(
-            workdir, creds, upstream_url or sandbox.url, policy=policy, **options
-        )
+    def start(upstream_url: str | None = None, **options: Any) -> GatewayProc:
+        workdir = tmp_path / f"own-gateway-{len(started)}"
+        gateway = launch_gateway(workdir, creds, upstream_url or sandbox.url, **options)
         started.append(gateway)
         return gateway
 
     yield start
     for gateway in started:
         gateway.proc.kill()
+
+
+@pytest.fixture
+def start_policy_gateway(
+    start_own_gateway: Callable[..., GatewayProc],
+) -> Callable[..., GatewayProc]:
+    """``start_policy_gateway(policy_text, upstream_url=None, **options)``."""
+
+    def start(policy: str, upstream_url: str | None = None, **options: Any) -> GatewayProc:
+        return start_own_gateway(upstream_url, policy=policy, **options)
+
+    return start
 
 
 async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -718,21 +729,13 @@ def tune_config(config: Path, settings: dict[str, Any]) -> None:
 
 @pytest.fixture
 def start_tuned_gateway(
-    tmp_path: Path, creds: Creds, sandbox: SandboxProc
-) -> Iterator[Callable[..., GatewayProc]]:
+    start_own_gateway: Callable[..., GatewayProc],
+) -> Callable[..., GatewayProc]:
     """``start_tuned_gateway(settings, upstream_url=None, **options)``."""
-    started: list[GatewayProc] = []
 
     def start(
         settings: dict[str, Any], upstream_url: str | None = None, **options: Any
     ) -> GatewayProc:
-        workdir = tmp_path / f"tuned-gateway-{len(started)}"
-        gateway = launch_gateway(
-            workdir, creds, upstream_url or sandbox.url, settings=settings, **options
-        )
-        started.append(gateway)
-        return gateway
+        return start_own_gateway(upstream_url, settings=settings, **options)
 
-    yield start
-    for gateway in started:
-        gateway.proc.kill()
+    return start
