@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test setup lint unit e2e bench soak lock clean
+.PHONY: run test setup lint unit e2e bench soak lock clean docs
 
 run: $(STAMP)  ## the demo: sandbox upstream + gateway, prints curl lines
 	$(BIN)/solapi-gateway demo
@@ -40,6 +40,9 @@ bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes 
 
 soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
 	$(BIN)/python bench/soak.py
+
+docs: $(STAMP)  ## regenerate the key tables of docs/config.md from the schema
+	$(BIN)/python -m gateway.report docs/config.md
 
 lock:  ## re-pin every dependency after changing pyproject.toml
 	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock

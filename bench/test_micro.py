@@ -19,11 +19,17 @@ from multidict import CIMultiDict
 from gateway import batch, walk
 from gateway.batch import BatchRule
 from gateway.identity import verifier_for
-from gateway.policy import Policy, Principal, Route, TrustedHeaders
+from gateway.policy import Policy
+from gateway.principals import Principal, TrustedHeaders
+from gateway.routes import Route
 from gateway.signing import Secret, Signer
 
 TOKEN = "bench-member-token"
-RULE = BatchRule("recordIds", 1000, re.compile(r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$"), True)
+RULE = BatchRule(
+    field="recordIds",
+    max_items=1000,
+    item_pattern=re.compile(r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$"),
+)
 RESTORE = "/crm-core/v1/records/bulk/restore"
 
 
@@ -34,11 +40,18 @@ def body(n: int) -> bytes:
 def policy() -> Policy:
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     route = Route(
-        "records-bulk-restore", "POST", RESTORE, "MEMBER", RULE, tuple(RESTORE.split("/"))
+        name="records-bulk-restore", method="POST", path=RESTORE, min_role="MEMBER", batch=RULE
     )
-    trusted = TrustedHeaders("X-P", "X-R", (ipaddress.ip_network("127.0.0.1/32"),))
-    principals = (Principal("bench-svc", "MEMBER", token_sha256=digest),)
-    return Policy(("VIEWER", "MEMBER", "OWNER"), principals, trusted, (route,))
+    trusted = TrustedHeaders(
+        principal="X-P", role="X-R", sources=(ipaddress.ip_network("127.0.0.1/32"),)
+    )
+    principals = (Principal(name="bench-svc", role="MEMBER", token_sha256=digest),)
+    return Policy(
+        roles=("VIEWER", "MEMBER", "OWNER"),
+        principals=principals,
+        trusted_headers=trusted,
+        routes=(route,),
+    )
 
 
 def test_sign_one_header(benchmark: Any) -> None:

@@ -23,11 +23,11 @@ import re
 # The regex parser and its opcodes: public in all but name (typeshed has no stubs).
 import re._constants as sre  # type: ignore[import-not-found]
 import re._parser as sre_parse  # type: ignore[import-not-found]
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
+from functools import cached_property
 from typing import Any, Final
 
 import orjson
+from pydantic import Field
 
 from gateway.errors import (
     BatchEmpty,
@@ -38,22 +38,23 @@ from gateway.errors import (
     InvalidJSON,
     UnsupportedMediaType,
 )
+from gateway.schema import Bool, Count, Model, NonEmpty, Regex
 
 MAX_REPORTED: Final = 10  # offending indices listed in ``details``
 
 
-@dataclass(frozen=True, slots=True)
-class BatchRule:
-    field: str
-    max_items: int
-    item_pattern: re.Pattern[str] | None
-    unique: bool
-    # ``item_pattern`` for all items at once, joined by newlines: see joined_pattern().
-    joined: re.Pattern[str] | None = dataclass_field(init=False, repr=False, compare=False)
+class BatchRule(Model):
+    """``batch:`` on a route: the body is a JSON object holding a list of items."""
 
-    def __post_init__(self) -> None:
-        pattern = self.item_pattern
-        object.__setattr__(self, "joined", joined_pattern(pattern) if pattern else None)
+    field: NonEmpty = Field(description="the top-level member holding the items")
+    max_items: Count = Field(description="the most items one request may hold")
+    item_pattern: Regex | None = Field(None, description="each item must fully match it")
+    unique: Bool = Field(True, description="refuse a batch naming one item twice")
+
+    @cached_property
+    def joined(self) -> re.Pattern[str] | None:
+        """``item_pattern`` for all items at once, joined by newlines: see joined_pattern()."""
+        return joined_pattern(self.item_pattern) if self.item_pattern else None
 
 
 def joined_pattern(pattern: re.Pattern[str]) -> re.Pattern[str] | None:

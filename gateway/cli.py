@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import hashlib
 import ipaddress
 import os
-import re
 import secrets
 import sys
 import time
@@ -30,16 +28,14 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from gateway import __version__, config, demo, logs, walk
+from gateway import __version__, config, demo, logs, names, report, walk
 from gateway.config import Settings
 from gateway.identity import verifier_for
-from gateway.policy import TrustedHeaders
+from gateway.principals import TrustedHeaders
 from gateway.signing import Secret, format_date, new_salt, parse
 from gateway.yamlsource import ConfigError
 
 EXIT_CONFIG = 2
-_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-_PRINCIPAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -146,44 +142,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    print(summary(settings))
+    print(report.summary(settings))
     return 0
-
-
-def summary(s: Settings) -> str:
-    policy = s.policy
-    key = s.signer.api_key
-    shown_key = key[:4] + "…" if len(key) > 4 else "…"
-    trusted = "off"
-    if policy.trusted_headers is not None:
-        t = policy.trusted_headers
-        trusted = f"{t.principal}/{t.role} from {', '.join(str(n) for n in t.sources)}"
-    lines = [
-        f"{s.config_path}: OK",
-        f"  listen {s.listen}, admin {s.admin_listen}",
-        f"  upstream {s.upstream.url} (connect {s.upstream.connect_timeout_s:g}s,"
-        f" timeout {s.upstream.timeout_s:g}s)",
-        f"  credentials: api key {shown_key}, secret from {s.secret_source}",
-        f"  max body {s.max_body_bytes} bytes, body timeout {s.body_timeout_s:g}s, "
-        f"keep-alive {s.keepalive_timeout_s:g}s, shutdown grace {s.shutdown_grace_s:g}s",
-        f"  upstream slots {s.upstream.max_concurrent} (wait {s.upstream.queue_timeout_s:g}s), "
-        f"workers {s.workers}" + (f", audit log {s.audit_log}" if s.audit_log else ""),
-        f"  policy {s.policy_path}: roles {' < '.join(policy.roles)}; "
-        f"{len(policy.principals)} principal(s); trusted headers {trusted}",
-        f"  {len(policy.routes)} route(s):",
-    ]
-    for r in policy.routes:
-        extras = []
-        if r.batch is not None:
-            unique = ", unique" if r.batch.unique else ""
-            extras.append(f"batch {r.batch.field}: 1..{r.batch.max_items}{unique}")
-        extras += [f"{p.name} checked" for p in r.params]
-        extras += [f"{rule.min_role}+ when {rule.when}" for rule in r.rules]
-        if r.retry_on_throttle:
-            extras.append("retries 429/503")
-        shown = "".join(f"; {extra}" for extra in extras)
-        lines.append(f"    {r.name}: {r.method} {r.path}  {r.min_role}+{shown}")
-    return "\n".join(lines)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -203,11 +163,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
-    if not _PRINCIPAL.fullmatch(args.principal):
-        print("--principal: letters, digits and ._@- only", file=sys.stderr)
+    if not names.PRINCIPAL.fullmatch(args.principal):
+        print(f"--principal: {names.PRINCIPAL_RULE}", file=sys.stderr)
         return EXIT_CONFIG
-    if not _ROLE.fullmatch(args.role):
-        print("--role: a role is a letter then letters, digits, _ or -", file=sys.stderr)
+    if not names.ROLE.fullmatch(args.role):
+        print(f"--role: {names.ROLE_RULE}", file=sys.stderr)
         return EXIT_CONFIG
     token = "sgw_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
@@ -259,8 +219,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         trusted = policy.trusted_headers
         if trusted is None:
             stand_in = ipaddress.ip_network("127.0.0.1/32")
-            trusted = TrustedHeaders("X-Explain-Principal", "X-Explain-Role", (stand_in,))
-            policy = dataclasses.replace(policy, trusted_headers=trusted)
+            trusted = TrustedHeaders(
+                principal="X-Explain-Principal", role="X-Explain-Role", sources=(stand_in,)
+            )
+            policy = policy.model_copy(update={"trusted_headers": trusted})
             assumed = " [trusted headers are off in this policy: assumed for this run]"
         headers[trusted.principal] = args.principal
         headers[trusted.role] = args.role
@@ -277,27 +239,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         time.time(),
         settings.max_body_bytes,
     )
-    print(explanation(decision, settings, assumed))
+    print(report.explanation(decision, settings, assumed))
     return 0 if decision.would_forward else 1
-
-
-def explanation(decision: walk.Decision, settings: Settings, assumed: str = "") -> str:
-    """One line per step of the walk, then the verdict as the last line."""
-    lines = [f"{decision.method} {decision.target}  (nothing is sent)"]
-    reached = {step.name: step for step in decision.steps}
-    for name in walk.STEPS:
-        step = reached.get(name)
-        if step is None:
-            lines.append(f"  {name:<9} -        not reached")
-            continue
-        detail = step.detail + (assumed if name == "identity" and step.ok else "")
-        lines.append(f"  {name:<9} {'ok' if step.ok else 'REFUSED':<8} {detail}")
-    if decision.error is not None:
-        lines.append(f"would refuse: {decision.error.status} {decision.error.code}")
-    else:
-        url = str(settings.upstream.url).rstrip("/") + decision.target
-        lines.append(f"would forward: {decision.method} {url}")
-    return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:

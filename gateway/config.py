@@ -1,45 +1,66 @@
-"""``gateway.yaml`` and the files it names, read into one frozen ``Settings``.
+"""``gateway.yaml``: every key declared once, and ``load`` reading it into ``Settings``.
 
-A load reads the config, the policy and the secret file together and either
-returns a complete ``Settings`` or raises ``ConfigError`` listing every
+Each key below is one field: its name, type, default, bounds and a one-line
+description. Loading, defaults, unknown-key errors, the ``check-config``
+summary (``gateway/report.py``) and ``docs/config.md`` all follow from it; adding
+a key is adding a field.
+
+A load reads the config, the policy it names and the secret file together and
+either returns a complete ``Settings`` or raises ``ConfigError`` listing every
 problem as ``FILE:LINE: key.path: message``. A reload builds a new object and
 swaps one reference, so a request sees either the old set or the new one.
 
-Paths inside the config are relative to the config file. Strings may hold
-``${VAR}`` references, taken from the environment; an unset one is an error.
+Paths inside the config are relative to the config file. Strings marked ``${VAR}``
+below are taken from the environment; an unset one is an error.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Annotated, Final
 
-import yaml
+from pydantic import (
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
-from gateway.policy import Policy
-from gateway.policyfile import load_policy
+from gateway import names, yamlsource
+from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
+from gateway.policy import Policy, read_policy
+from gateway.schema import (
+    MASKED,
+    Count,
+    EnvStr,
+    Invalid,
+    Invalids,
+    Model,
+    Reported,
+    Seconds,
+    SecondsOrZero,
+    Str,
+    check,
+    context,
+    expand_env,
+    matching,
+    plain,
+    read_text,
+    resolve,
+    text,
+)
 from gateway.signing import Secret, Signer
-from gateway.yamlsource import ConfigError, Problems, Source
+from gateway.yamlsource import ConfigError, Problem
 
-DEFAULT_CONFIG = "config/gateway.yaml"
+__all__ = ["DEFAULT_CONFIG", "Address", "ConfigError", "Settings", "load", "parse_address"]
 
-# Headers that must never be forwarded, whatever ``forward_headers`` lists.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer",
-        "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
-    }
-)  # fmt: skip
-NEVER_FORWARDED = HOP_BY_HOP | {"authorization", "cookie", "host", "content-length"}
-ALWAYS_FORWARDED = (
-    "Content-Type", "Accept", "Accept-Encoding", "Accept-Language", "User-Agent",
-)  # fmt: skip
-
-_API_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+DEFAULT_CONFIG: Final = "config/gateway.yaml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,34 +70,6 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    url: URL
-    connect_timeout_s: float
-    timeout_s: float
-    max_concurrent: int = 512  # exchanges in flight at once, per process
-    queue_timeout_s: float = 0.1  # how long a request may wait for one of them
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    config_path: str
-    listen: Address
-    admin_listen: Address
-    upstream: UpstreamSettings
-    signer: Signer
-    secret_source: str  # "file <path>" or "environment": for summaries, never the value
-    policy_path: str
-    policy: Policy
-    max_body_bytes: int
-    shutdown_grace_s: float
-    forward_headers: tuple[str, ...]
-    workers: int = 1
-    keepalive_timeout_s: float = 75.0  # idle caller connections; also bounds sending headers
-    body_timeout_s: float = 15.0  # the most time a caller has to send a whole body
-    audit_log: str | None = None  # the opt-in audit file, relative paths already resolved
 
 
 def parse_address(text: str) -> Address | str:
@@ -95,245 +88,247 @@ def parse_address(text: str) -> Address | str:
     return Address(host, int(port_text))
 
 
-def load(config_path: str = DEFAULT_CONFIG) -> Settings:
-    problems = Problems()
-    src = Source(config_path, problems)
-    settings = _load(src, config_path)
-    if problems or settings is None:
-        raise ConfigError(problems.items)
-    return settings
+def _address(value: str) -> Address:
+    parsed = parse_address(value)
+    if isinstance(parsed, str):
+        raise Invalid(parsed)
+    return parsed
 
 
-def _read(src: Source, path: str, at: yaml.Node | None, key: str) -> str | None:
+def _origin(value: str) -> URL:
+    """``http(s)://HOST[:PORT]``, and nothing else: each request brings its own path."""
+    shape = "must be http(s)://HOST[:PORT] only"
+    scheme, sep, _ = value.partition("://")
+    if not sep:
+        raise Invalid(f"{shape}: it has no scheme (write https://{value})")
+    if scheme not in ("http", "https"):
+        raise Invalid(f"{shape}: the scheme is {scheme!r}")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        src.error(at, key, f"cannot read {path}: {why}")
-        return None
+        url = URL(value)
+        port = url.port
+    except ValueError:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535") from None
+    if not url.host:
+        raise Invalid(f"{shape}: it names no host")
+    if url.user is not None or url.password is not None:
+        raise Invalid(f"{shape}: it must not hold a user or password")
+    if url.path not in ("", "/"):
+        raise Invalid(f"{shape}: it must not hold a path (each request brings its own)")
+    if url.query_string or url.fragment or "?" in value or "#" in value:
+        raise Invalid(f"{shape}: it must not hold a query or fragment")
+    if port is not None and not 0 < port < 65536:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
+    return url.with_path("")
 
 
-def _load(src: Source, config_path: str) -> Settings | None:
-    text = _read(src, config_path, None, "(file)")
-    root = src.compose(text) if text is not None else None
-    if root is None:
-        if text is not None and not src.problems:
-            src.error(None, "(top)", "the file is empty")
-        return None
-    keys = src.mapping(
-        root,
-        "",
-        required=("upstream", "credentials"),
-        optional=(
-            "listen", "admin_listen", "policy", "max_body_bytes", "shutdown_grace_s",
-            "forward_headers", "workers", "keepalive_timeout_s", "body_timeout_s", "audit_log",
-        ),
-    )  # fmt: skip
-    if keys is None:
-        return None
-    base = os.path.dirname(config_path)
+AddressField = Annotated[Address, plain(_address, env=True, keep=Address)]
 
-    def address(key: str, default: str) -> Address | None:
-        value = src.string(keys[key], key, env=True) if key in keys else default
-        if value is None:
-            return None
-        parsed = parse_address(value)
-        if isinstance(parsed, str):
-            src.error(keys.get(key), key, parsed)
-            return None
-        return parsed
 
-    listen = address("listen", "0.0.0.0:8080")
-    admin = address("admin_listen", "127.0.0.1:9090")
-    if listen and admin and listen.port == admin.port:
-        src.error(keys.get("admin_listen", root), "admin_listen", "must not share the proxy port")
-    upstream = _upstream(src, keys["upstream"]) if "upstream" in keys else None
-    creds = _credentials(src, keys["credentials"], base) if "credentials" in keys else None
-
-    max_body = src.integer_at(keys, "", "max_body_bytes", 1_048_576, minimum=1)
-    grace = src.number_at(keys, "", "shutdown_grace_s", 20.0, positive=False)
-    workers = src.integer_at(keys, "", "workers", 1, minimum=1)
-    keepalive = src.number_at(keys, "", "keepalive_timeout_s", 75.0)
-    body_timeout = src.number_at(keys, "", "body_timeout_s", 15.0)
-
-    policy_value: str | None = "policy.yaml"
-    if "policy" in keys:
-        policy_value = src.string(keys["policy"], "policy", env=True)
-        if policy_value == "":
-            src.error(keys["policy"], "policy", "is empty")
-    policy_path = os.path.join(base, policy_value) if policy_value else ""
-    policy = None
-    if policy_path:
-        policy_text = _read(src, policy_path, keys.get("policy", root), "policy")
-        if policy_text is not None:
-            policy_src = Source(policy_path, src.problems)
-            before = len(src.problems.items)
-            policy_root = policy_src.compose(policy_text)
-            if policy_root is None and len(src.problems.items) == before:
-                policy_src.error(None, "(top)", "the file is empty")
-            elif policy_root is not None:
-                policy = load_policy(policy_src, policy_root)
-
-    forward = _forward_headers(src, keys.get("forward_headers"), policy)
-    audit_log = _audit_log(src, keys["audit_log"], base) if "audit_log" in keys else None
-    numbers = (max_body, grace, workers, keepalive, body_timeout)
-    invalid_audit = "audit_log" in keys and audit_log is None
-    if None in (listen, admin, upstream, creds, policy, forward, *numbers) or invalid_audit:
-        return None
-    assert listen and admin and upstream and creds and policy and forward is not None
-    assert max_body and grace is not None and workers and keepalive and body_timeout
-    signer, secret_source = creds
-    return Settings(
-        config_path=config_path,
-        listen=listen,
-        admin_listen=admin,
-        upstream=upstream,
-        signer=signer,
-        secret_source=secret_source,
-        policy_path=policy_path,
-        policy=policy,
-        max_body_bytes=max_body,
-        shutdown_grace_s=grace,
-        forward_headers=forward,
-        workers=workers,
-        keepalive_timeout_s=keepalive,
-        body_timeout_s=body_timeout,
-        audit_log=audit_log,
+class UpstreamSettings(Model):
+    url: Annotated[URL, plain(_origin, env=True, keep=URL)] = Field(
+        description="where SOLAPI is: http(s)://HOST[:PORT] ${VAR}"
+    )
+    timeout_s: Seconds = Field(30.0, description="the whole upstream exchange, retries included")
+    connect_timeout_s: Seconds = Field(
+        3.0, validate_default=True, description="making one connection"
+    )
+    max_concurrent: Count = Field(
+        512, description="upstream exchanges in flight at once, per process"
+    )
+    queue_timeout_s: SecondsOrZero = Field(
+        0.1, description="how long a request may wait for one of them before 503 Overloaded"
     )
 
+    @field_validator("connect_timeout_s")
+    @classmethod
+    def _within_timeout(cls, connect: float, info: ValidationInfo) -> float:
+        total = info.data.get("timeout_s")
+        if total is not None and connect > total:
+            raise Invalid("must not exceed timeout_s", near="timeout_s")
+        return connect
 
-def _audit_log(src: Source, node: yaml.Node, base: str) -> str | None:
-    """The audit file's path, if the gateway will be able to append to it."""
-    name = src.string(node, "audit_log", env=True)
-    if name is None:
-        return None
+
+def _secret_value(value: object) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    secret = text(expand_env(value)).strip()
+    if not secret:
+        raise Invalid("the secret is empty")
+    return Secret(secret, "environment")
+
+
+def _secret_file(value: object, info: ValidationInfo) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    name = text(expand_env(value))
     if not name:
-        src.error(node, "audit_log", "is empty")
-        return None
-    path = os.path.join(base, name)
+        raise Invalid("is empty")
+    path = resolve(info, name)
+    secret = read_text(path).strip()  # surrounding whitespace and the newline go
+    if not secret:
+        raise Invalid("the secret is empty")
+    return Secret(secret, f"file {path}")
+
+
+class Credentials(Model):
+    api_key: Annotated[EnvStr, matching(names.API_KEY, "must be " + names.API_KEY_RULE)] = Field(
+        description="the SOLAPI API key ${VAR}", json_schema_extra=MASKED
+    )
+    api_secret: Annotated[Secret, PlainValidator(_secret_value)] | None = Field(
+        None, description="its secret, e.g. ${SOLAPI_API_SECRET}"
+    )
+    api_secret_file: Annotated[Secret, PlainValidator(_secret_file)] | None = Field(
+        None, description="or a file holding it, relative to this file (whitespace stripped)"
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Credentials:
+        if (self.api_secret is None) == (self.api_secret_file is None):
+            raise Invalid("give exactly one of api_secret and api_secret_file")
+        return self
+
+    @cached_property
+    def signer(self) -> Signer:
+        secret = self.api_secret or self.api_secret_file
+        assert secret is not None
+        return Signer(self.api_key, secret)
+
+
+def _policy_file(value: object, info: ValidationInfo) -> Policy:
+    if isinstance(value, Policy):
+        return value
+    name = text(expand_env(value))
+    if not name:
+        raise Invalid("is empty")
+    policy, problems = read_policy(resolve(info, name))
+    if policy is None:
+        context(info).setdefault("problems", []).extend(problems)
+        raise Reported()
+    return policy
+
+
+def _forwardable(name: str) -> str | None:
+    return f"{name} is never forwarded upstream" if name.lower() in NEVER_FORWARDED else None
+
+
+HeaderName = Annotated[
+    Str, matching(names.HEADER_NAME, names.HEADER_NAME_RULE), check(_forwardable)
+]
+
+
+def _audit_file(value: object, info: ValidationInfo) -> str:
+    """The audit file's path, if the gateway will be able to append to it."""
+    name = text(expand_env(value))
+    if not name:
+        raise Invalid("is empty")
+    path = resolve(info, name)
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
-        problem = f"{path} is a folder, not a file"
-    elif not os.path.isdir(folder):
-        problem = f"the folder {folder} does not exist"
-    elif os.path.exists(path):
-        problem = "" if os.access(path, os.W_OK) else f"cannot append to {path}: not writable"
-    else:
-        writable = os.access(folder, os.W_OK | os.X_OK)
-        problem = "" if writable else f"cannot create {path}: the folder is not writable"
-    if problem:
-        src.error(node, "audit_log", problem)
-        return None
+        raise Invalid(f"{path} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise Invalid(f"the folder {folder} does not exist")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise Invalid(f"cannot append to {path}: not writable")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise Invalid(f"cannot create {path}: the folder is not writable")
     return path
 
 
-def _upstream(src: Source, node: yaml.Node) -> UpstreamSettings | None:
-    keys = src.mapping(
-        node,
-        "upstream",
-        required=("url",),
-        optional=("connect_timeout_s", "timeout_s", "max_concurrent", "queue_timeout_s"),
+class Settings(Model):
+    """Everything one load read: gateway.yaml, its policy and its secret."""
+
+    listen: AddressField = Field(
+        "0.0.0.0:8080", validate_default=True, description="proxied traffic"
     )
-    if keys is None:
-        return None
-    url = None
-    if "url" in keys:
-        text = src.string(keys["url"], "upstream.url", env=True)
-        if text is not None:
-            try:
-                parsed = URL(text)
-            except ValueError:
-                parsed = None
-            if (
-                parsed is None
-                or parsed.scheme not in ("http", "https")
-                or not parsed.host
-                or parsed.path not in ("", "/")
-                or parsed.query_string
-                or parsed.fragment
-                or parsed.user
-            ):
-                src.error(keys["url"], "upstream.url", "must be http(s)://HOST[:PORT] only")
-            else:
-                url = parsed.with_path("")
-    connect = src.number_at(keys, "upstream", "connect_timeout_s", 3.0)
-    total = src.number_at(keys, "upstream", "timeout_s", 30.0)
-    max_concurrent = src.integer_at(keys, "upstream", "max_concurrent", 512, minimum=1)
-    queue = src.number_at(keys, "upstream", "queue_timeout_s", 0.1, positive=False)
-    if connect and total and connect > total:
-        at = keys.get("connect_timeout_s", keys.get("timeout_s", node))
-        src.error(at, "upstream.connect_timeout_s", "must not exceed timeout_s")
-        return None
-    if url is None or not connect or not total or not max_concurrent or queue is None:
-        return None
-    return UpstreamSettings(url, connect, total, max_concurrent, queue)
-
-
-def _credentials(src: Source, node: yaml.Node, base: str) -> tuple[Signer, str] | None:
-    keys = src.mapping(
-        node, "credentials", required=("api_key",), optional=("api_secret", "api_secret_file")
+    admin_listen: AddressField = Field(
+        "127.0.0.1:9090",
+        validate_default=True,
+        description="/metrics /healthz /readyz: never the proxy port",
     )
-    if keys is None:
-        return None
-    api_key = None
-    if "api_key" in keys:
-        api_key = src.checked(
-            keys["api_key"],
-            "credentials.api_key",
-            src.string(keys["api_key"], "credentials.api_key", env=True),
-            lambda v: None if _API_KEY.fullmatch(v) else "must be letters, digits, _ or -",
-        )
-    if ("api_secret" in keys) == ("api_secret_file" in keys):
-        src.error(node, "credentials", "give exactly one of api_secret and api_secret_file")
-        return None
-    secret_text: str | None
-    if "api_secret" in keys:
-        path, source = "credentials.api_secret", "environment"
-        secret_text = src.string(keys["api_secret"], path, env=True)
-    else:
-        path = "credentials.api_secret_file"
-        name = src.string(keys["api_secret_file"], path, env=True)
-        if name == "":
-            src.error(keys["api_secret_file"], path, "is empty")
-        if not name:
-            return None
-        secret_file = os.path.join(base, name)
-        source = f"file {secret_file}"
-        secret_text = _read(src, secret_file, keys["api_secret_file"], path)
-    if secret_text is None:
-        return None
-    secret_text = secret_text.strip()
-    if not secret_text:
-        src.error(
-            keys.get("api_secret") or keys.get("api_secret_file"), path, "the secret is empty"
-        )
-        return None
-    if api_key is None:
-        return None
-    return Signer(api_key, Secret(secret_text)), source
+    upstream: UpstreamSettings = Field(description="SOLAPI, or the sandbox")
+    credentials: Credentials = Field(description="what the gateway signs with")
+    policy: Annotated[Policy, PlainValidator(_policy_file)] = Field(
+        "policy.yaml", validate_default=True, description="the policy file, relative to this file"
+    )
+    max_body_bytes: Count = Field(1_048_576, description="larger request bodies are 413")
+    shutdown_grace_s: SecondsOrZero = Field(
+        20.0, description="time in-flight requests get on SIGTERM"
+    )
+    forward_headers: tuple[HeaderName, ...] = Field(
+        (), description="request headers forwarded besides the fixed allow-list"
+    )
+    workers: Count = Field(1, description="worker processes (serve --workers overrides it)")
+    keepalive_timeout_s: Seconds = Field(
+        75.0, description="idle caller connections; also bounds sending headers"
+    )
+    body_timeout_s: Seconds = Field(15.0, description="the most time a caller has to send a body")
+    audit_log: Annotated[str, PlainValidator(_audit_file)] | None = Field(
+        None, description="append one JSON line per batch here (relative to this file)"
+    )
+    _path: str = PrivateAttr("")
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _apart(cls, admin: Address, info: ValidationInfo) -> Address:
+        listen = info.data.get("listen")
+        if isinstance(listen, Address) and listen.port == admin.port:
+            raise Invalid("must not share the proxy port")
+        return admin
+
+    @field_validator("forward_headers", mode="after")
+    @classmethod
+    def _not_identity(cls, headers: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Never the policy's identity headers; each name once, the fixed ones left out."""
+        policy = info.data.get("policy")
+        trusted = policy.trusted_headers if isinstance(policy, Policy) else None
+        identity = {trusted.principal.lower(), trusted.role.lower()} if trusted else set()
+        bad = [
+            Invalid(f"{name} is never forwarded upstream", at=(i,))
+            for i, name in enumerate(headers)
+            if name.lower() in identity
+        ]
+        if bad:
+            raise Invalids(bad)
+        seen = {"x-request-id", *(h.lower() for h in ALWAYS_FORWARDED)}
+        kept = []
+        for name in headers:
+            if name.lower() not in seen:
+                seen.add(name.lower())
+                kept.append(name)
+        return tuple(kept)
+
+    @property
+    def config_path(self) -> str:
+        """The config file as given on the command line."""
+        return self._path
+
+    @property
+    def policy_path(self) -> str:
+        return self.policy.path
+
+    @property
+    def signer(self) -> Signer:
+        return self.credentials.signer
+
+    @property
+    def secret_source(self) -> str:
+        """Where the secret came from ("file PATH" or "environment"): never its value."""
+        return self.signer.secret.source
 
 
-def _forward_headers(
-    src: Source, node: yaml.Node | None, policy: Policy | None
-) -> tuple[str, ...] | None:
-    if node is None:
-        return ()
-    identity = set()
-    if policy is not None and policy.trusted_headers is not None:
-        identity = {policy.trusted_headers.principal.lower(), policy.trusted_headers.role.lower()}
-    seen = {"x-request-id", *(h.lower() for h in ALWAYS_FORWARDED)}
-    out: list[str] = []
-    ok = isinstance(node, yaml.SequenceNode)
-    for path, item, value in src.strings(node, "forward_headers"):
-        lowered = value.lower()
-        if not _HEADER_NAME.fullmatch(value):
-            src.error(item, path, "not a valid header name")
-            ok = False
-        elif lowered in NEVER_FORWARDED or lowered in identity:
-            src.error(item, path, f"{value} is never forwarded upstream")
-            ok = False
-        elif lowered not in seen:
-            seen.add(lowered)
-            out.append(value)
-    return tuple(out) if ok else None
+def load(config_path: str = DEFAULT_CONFIG) -> Settings:
+    """Read the config, its policy and its secret; ConfigError lists every problem."""
+    try:
+        config_text = read_text(config_path)
+    except Invalid as exc:
+        raise ConfigError([Problem(config_path, 1, "(file)", exc.message)]) from None
+    doc = yamlsource.read(config_path, config_text)
+    others: list[Problem] = []  # the policy file's own
+    base = os.path.dirname(config_path)
+    settings = yamlsource.validate(Settings, doc, {"base": base, "problems": others})
+    problems = doc.problems + others
+    if settings is None or problems:
+        raise ConfigError(problems)
+    settings._path = config_path
+    return settings

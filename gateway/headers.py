@@ -12,20 +12,39 @@ which describe one connection and not the message.
 from __future__ import annotations
 
 import os
-import re
 from typing import Final
 
 from multidict import CIMultiDict, MultiMapping
 
-from gateway.config import ALWAYS_FORWARDED, HOP_BY_HOP
+from gateway.names import REQUEST_ID
 
-_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Describe one connection, not the message: never forwarded, in either direction.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
+    }
+)  # fmt: skip
+# Never forwarded upstream, whatever ``forward_headers`` lists: the gateway sets
+# its own Authorization, Host and Content-Length, and cookies stay behind.
+NEVER_FORWARDED: Final = HOP_BY_HOP | {"authorization", "cookie", "host", "content-length"}
+# Always forwarded upstream when the caller sends them (with X-Request-ID).
+ALWAYS_FORWARDED: Final = (
+    "Content-Type", "Accept", "Accept-Encoding", "Accept-Language", "User-Agent",
+)  # fmt: skip
+# Headers that cannot be the policy's trusted identity headers: the request needs them.
+NOT_IDENTITY: Final = frozenset(
+    {
+        "authorization", "cookie", "host", "content-type", "content-length",
+        "transfer-encoding", "connection", "x-request-id",
+    }
+)  # fmt: skip
 
 
 def request_id(headers: MultiMapping[str]) -> str:
     """The caller's X-Request-ID if it is exactly one sane value, else a new one."""
     given = headers.getall("X-Request-ID", ())
-    if len(given) == 1 and _REQUEST_ID.fullmatch(given[0]):
+    if len(given) == 1 and REQUEST_ID.fullmatch(given[0]):
         return given[0]
     return new_request_id()
 

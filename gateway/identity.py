@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from typing import Final
 
 from multidict import MultiMapping
 
 from gateway.errors import Unauthorized
+from gateway.names import PRINCIPAL
 from gateway.policy import Policy
 from gateway.replay import REPLAY_DB_ENV, SharedReplayCache
 from gateway.signing import MALFORMED, Rejected, ReplayMemory, Verifier, parse
 
 _MAX_TOKEN_CHARS: Final = 4096
-_PRINCIPAL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 _HMAC_REFUSALS: Final = {
     MALFORMED: "malformed",
     "InvalidAPIKey": "unknown key",
@@ -74,7 +73,7 @@ def identify(
     if len(principals) != 1 or len(roles) != 1:
         raise Unauthorized("identity headers must each be sent exactly once")
     principal, role = principals[0], roles[0]
-    if not _PRINCIPAL.fullmatch(principal):
+    if not PRINCIPAL.fullmatch(principal):
         raise Unauthorized("malformed principal header")
     if role not in policy.rank:
         raise Unauthorized("unknown role in the role header")

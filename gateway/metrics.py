@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 
 from gateway import __version__
-from gateway.policy import METHODS
+from gateway.names import METHODS
 
 # From well under a millisecond (a rejection) to the longest upstream timeout.
 LATENCY_BUCKETS: Final = (

@@ -15,157 +15,81 @@ Besides its ``min_role``, a route may say more about who may do what:
 
 Matching itself stays structural: ``params`` never make a route "not match".
 
-``Policy`` is a frozen value built once per load; every lookup table the hot
-path needs (tokens by hash, routes by exact path, role ranks) is built here so
-a request only does dictionary lookups.
+``Policy`` is a frozen value read once per load (``read_policy``); every
+lookup table the hot path needs (tokens by hash, routes by exact path, role
+ranks) is built once, so a request only does dictionary lookups. Its keys are
+declared here and in ``gateway/principals.py`` and ``gateway/routes.py``.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import cached_property
+from typing import Annotated, Any
 
-from gateway.batch import BatchRule
+from pydantic import BeforeValidator, Field, PrivateAttr
+
+from gateway import yamlsource
 from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
-from gateway.signing import Secret
+from gateway.principals import Principal, Roles, TrustedHeaders
+from gateway.routes import UNMATCHED, BodyRule, Route
+from gateway.schema import Model, none_as_empty, read_text
+from gateway.yamlsource import Problem
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-UNMATCHED = "unmatched"  # the metrics label of a request that matched no route
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    name: str
-    role: str
-    token_sha256: str | None = None
-    hmac_key: str | None = None
-    hmac_secret: Secret | None = None
+__all__ = ["UNMATCHED", "Policy", "parse_policy", "read_policy"]
 
 
-@dataclass(frozen=True, slots=True)
-class TrustedHeaders:
-    principal: str
-    role: str
-    sources: tuple[IPNetwork, ...]
+class Policy(Model):
+    roles: Roles = Field(description="every role, lowest first")
+    principals: Annotated[tuple[Principal, ...], BeforeValidator(none_as_empty)] = Field(
+        (), description="the callers with a token or an internal key pair"
+    )
+    trusted_headers: TrustedHeaders | None = Field(
+        None, description="identity headers honoured from trusted peers; absent = off"
+    )
+    routes: tuple[Route, ...] = Field(description="every route; anything else is refused")
+    _path: str = PrivateAttr("")
 
-    def trusts(self, peer: str | None) -> bool:
-        if not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer.partition("%")[0])
-        except ValueError:
-            return False
-        # On a dual-stack listener ("[::]:8080") IPv4 peers arrive as ::ffff:a.b.c.d.
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.sources)
+    @property
+    def path(self) -> str:
+        """The file it was read from, as the config names it."""
+        return self._path
 
+    @cached_property
+    def rank(self) -> Mapping[str, int]:
+        return {role: i for i, role in enumerate(self.roles)}
 
-Scalar = str | int | float | bool | None
+    @cached_property
+    def by_token(self) -> Mapping[str, Principal]:
+        return {p.token_sha256: p for p in self.principals if p.token_sha256}
 
+    @cached_property
+    def by_hmac_key(self) -> Mapping[str, Principal]:
+        return {p.hmac_key: p for p in self.principals if p.hmac_key}
 
-def same_json(a: object, b: Scalar) -> bool:
-    """JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``, a list is no scalar."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    if a is None or b is None:
-        return a is b
-    return isinstance(a, str) and isinstance(b, str) and a == b
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """``when:`` on a top-level field of the JSON body. An absent field never holds."""
-
-    field: str
-    op: Literal["equals", "not_equals"]
-    value: Scalar
-
-    def holds(self, document: Mapping[str, Any] | None) -> bool:
-        if document is None or self.field not in document:
-            return False
-        equal = same_json(document[self.field], self.value)
-        return equal if self.op == "equals" else not equal
-
-    def __str__(self) -> str:
-        shown = "null" if self.value is None else repr(self.value)
-        if isinstance(self.value, bool):
-            shown = "true" if self.value else "false"
-        verb = "is" if self.op == "equals" else "is not"
-        return f"{self.field} {verb} {shown}"
-
-
-@dataclass(frozen=True, slots=True)
-class BodyRule:
-    when: Condition
-    min_role: str
-
-
-@dataclass(frozen=True, slots=True)
-class ParamRule:
-    name: str
-    index: int  # which segment of the split path holds it
-    pattern: re.Pattern[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    method: str
-    path: str
-    min_role: str
-    batch: BatchRule | None = None
-    # One entry per segment: the literal text, or None for a ``{name}`` segment.
-    segments: tuple[str | None, ...] = field(default=(), repr=False)
-    params: tuple[ParamRule, ...] = ()
-    rules: tuple[BodyRule, ...] = ()
-    # ``retry: {on_throttle: true}``: repeat a 429/503 whose Retry-After fits the budget.
-    retry_on_throttle: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    roles: tuple[str, ...]
-    principals: tuple[Principal, ...]
-    trusted_headers: TrustedHeaders | None
-    routes: tuple[Route, ...]
-    rank: Mapping[str, int] = field(init=False, repr=False)
-    by_token: Mapping[str, Principal] = field(init=False, repr=False)
-    by_hmac_key: Mapping[str, Principal] = field(init=False, repr=False)
-    _exact: Mapping[str, tuple[Route, ...]] = field(init=False, repr=False)
-    _templates: Mapping[int, tuple[Route, ...]] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        def put(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
-
-        put("rank", {role: i for i, role in enumerate(self.roles)})
-        put("by_token", {p.token_sha256: p for p in self.principals if p.token_sha256})
-        put("by_hmac_key", {p.hmac_key: p for p in self.principals if p.hmac_key})
+    @cached_property
+    def exact_routes(self) -> Mapping[str, tuple[Route, ...]]:
         exact: dict[str, tuple[Route, ...]] = {}
+        for route in self.routes:
+            if None not in route.segments:
+                exact[route.path] = (*exact.get(route.path, ()), route)
+        return exact
+
+    @cached_property
+    def template_routes(self) -> Mapping[int, tuple[Route, ...]]:
         templates: dict[int, tuple[Route, ...]] = {}
         for route in self.routes:
             if None in route.segments:
                 n = len(route.segments)
                 templates[n] = (*templates.get(n, ()), route)
-            else:
-                exact[route.path] = (*exact.get(route.path, ()), route)
-        put("_exact", exact)
-        put("_templates", templates)
+        return templates
 
     def candidates(self, path: str) -> list[Route]:
         """Every route whose path matches, exact paths before templates."""
-        found = list(self._exact.get(path, ()))
-        if self._templates:
+        found = list(self.exact_routes.get(path, ()))
+        if self.template_routes:
             segments = path.split("/")
-            for route in self._templates.get(len(segments), ()):
+            for route in self.template_routes.get(len(segments), ()):
                 if _segments_match(route.segments, segments):
                     found.append(route)
         return found
@@ -190,7 +114,7 @@ class Policy:
         if not route.params:
             return
         segments = path.split("/")
-        for param in route.params:
+        for param in route.param_rules:
             if not param.pattern.fullmatch(segments[param.index]):
                 raise InvalidItem(
                     f"The path parameter {param.name!r} is not valid.",
@@ -221,3 +145,18 @@ def _segments_match(template: tuple[str | None, ...], segments: list[str]) -> bo
         elif want != got:
             return False
     return True
+
+
+def parse_policy(text: str, name: str = "policy.yaml") -> tuple[Policy | None, list[Problem]]:
+    """A policy from its YAML text: the Policy, or None and every problem found."""
+    doc = yamlsource.read(name, text)
+    policy = yamlsource.validate(Policy, doc, {})
+    if policy is not None and not doc.problems:
+        policy._path = name
+        return policy, []
+    return None, doc.problems
+
+
+def read_policy(path: str) -> tuple[Policy | None, list[Problem]]:
+    """``parse_policy`` of a file; a file that cannot be read raises ``Invalid``."""
+    return parse_policy(read_text(path), path)

@@ -39,7 +39,8 @@ from gateway.errors import (
 from gateway.headers import downstream_headers, new_request_id, request_id, upstream_headers
 from gateway.identity import verifier_for
 from gateway.metrics import Metrics
-from gateway.policy import UNMATCHED, Route
+from gateway.policy import UNMATCHED
+from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.upstream import Attempt, Upstream, failure
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
+from gateway.names import API_KEY
+
 SCHEME: Final = "HMAC-SHA256"
 WINDOW_S: Final = 15 * 60
 _MAX_HEADER_CHARS: Final = 1024
@@ -34,7 +36,6 @@ _DATE = re.compile(
 )
 # 12-64 alphanumerics; hyphens only inside, so uuid text salts pass too.
 _SALT = re.compile(r"[0-9A-Za-z](?:[0-9A-Za-z-]{10,62})[0-9A-Za-z]")
-_API_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS: Final = {"apikey": "api_key", "date": "date", "salt": "salt", "signature": "signature"}
 
@@ -42,10 +43,11 @@ _PARTS: Final = {"apikey": "api_key", "date": "date", "salt": "salt", "signature
 class Secret:
     """A secret string that will not print itself: repr, str and format all hide it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "source")
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, source: str = "environment") -> None:
         self._value = value
+        self.source = source  # where it was read from, for summaries: "file PATH" or "environment"
 
     def reveal(self) -> str:
         return self._value
@@ -154,7 +156,7 @@ def parse(header: str) -> HmacCredentials:
     missing = [name for name in _PARTS.values() if name not in found]
     if missing:
         raise Rejected(MALFORMED, f"missing {', '.join(missing)}")
-    if not _API_KEY.fullmatch(found["api_key"]):
+    if not API_KEY.fullmatch(found["api_key"]):
         raise Rejected(MALFORMED, "malformed apiKey")
     if not _DATE.fullmatch(found["date"]):
         raise Rejected(MALFORMED, "date is not ISO 8601 with a zone")

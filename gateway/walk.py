@@ -31,7 +31,8 @@ from multidict import MultiMapping
 from gateway import batch
 from gateway.errors import GatewayError, InvalidBody, PayloadTooLarge, UnsupportedMediaType
 from gateway.identity import Caller, identify
-from gateway.policy import UNMATCHED, Policy, Route
+from gateway.policy import UNMATCHED, Policy
+from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.target import split_target
 
@@ -139,7 +140,7 @@ def admit(
         note(f"{caller.role} is at least {route.min_role}")
     with d.step("params") as note:
         policy.check_params(route, path)
-        note(", ".join(f"{p.name} matches" for p in route.params) or "none to check")
+        note(", ".join(f"{name} matches" for name in route.params) or "none to check")
 
 
 def check_body(

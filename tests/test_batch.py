@@ -14,7 +14,7 @@ from gateway.batch import BatchRule
 from gateway.errors import GatewayError
 
 PATTERN = re.compile(r"^CRMRC[0-9]{16}[0-9A-Za-z]{11}$")
-RULE = BatchRule("recordIds", 1000, PATTERN, True)
+RULE = BatchRule(field="recordIds", max_items=1000, item_pattern=PATTERN, unique=True)
 ID = "CRMRC1260422100000000REC11122233"  # the seed page's example
 
 
@@ -104,12 +104,12 @@ def test_duplicates_are_reported_by_their_later_index() -> None:
 
 
 def test_duplicates_allowed_when_unique_is_off() -> None:
-    rule = BatchRule("recordIds", 10, PATTERN, unique=False)
+    rule = BatchRule(field="recordIds", max_items=10, item_pattern=PATTERN, unique=False)
     assert batch.validate(body({"recordIds": [ID, ID]}), rule) == 2
 
 
 def test_without_a_pattern_any_string_passes() -> None:
-    rule = BatchRule("ids", 3, None, True)
+    rule = BatchRule(field="ids", max_items=3, item_pattern=None, unique=True)
     assert batch.validate(body({"ids": ["a", "b"]}), rule) == 2
     assert code_of(body({"ids": ["a", 1]}), rule) == "InvalidItem"
 
@@ -209,7 +209,10 @@ PATTERNS = [
     ],
 )
 def test_the_joined_pattern_is_built_only_when_it_is_exact(pattern: str, fast: bool) -> None:
-    assert (BatchRule("ids", 10, re.compile(pattern), True).joined is not None) is fast
+    assert (
+        BatchRule(field="ids", max_items=10, item_pattern=re.compile(pattern), unique=True).joined
+        is not None
+    ) is fast
 
 
 @given(
@@ -218,7 +221,7 @@ def test_the_joined_pattern_is_built_only_when_it_is_exact(pattern: str, fast: b
 )
 def test_joined_check_agrees_with_the_item_by_item_check(pattern: str, items: list[str]) -> None:
     compiled = re.compile(pattern)
-    rule = BatchRule("ids", 100, compiled, unique=False)
+    rule = BatchRule(field="ids", max_items=100, item_pattern=compiled, unique=False)
     per_item = [i for i, item in enumerate(items) if not compiled.fullmatch(item)]
     raw = body({"ids": items})
     if per_item:

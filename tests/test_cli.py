@@ -94,7 +94,7 @@ def broken_problems(prefix: str) -> list[str]:
     config, policy = f"{prefix}gateway.yaml", f"{prefix}policy.yaml"
     return [
         f"{config}:2: admin_listen: must not share the proxy port",
-        f"{config}:4: upstream.url: must be http(s)://HOST[:PORT] only",
+        f"{config}:4: upstream.url: must be http(s)://HOST[:PORT] only: the scheme is 'ftp'",
         f"{config}:8: max_body_bytes: must be an integer",
         f"{policy}:6: routes[0].min_role: unknown role 'SUPERUSER' (roles: VIEWER, MEMBER, OWNER)",
     ]
@@ -108,9 +108,16 @@ def test_check_config_on_the_demo_prints_a_summary() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{DEMO_CONFIG}: OK"
-    assert any("listen 127.0.0.1:8080, admin 127.0.0.1:9090" in line for line in lines)
-    assert any("upstream http://127.0.0.1:8089" in line for line in lines)
-    assert any("policy config/demo/policy.yaml" in line for line in lines)
+    # every key of gateway.yaml, with its value (defaults marked), then the policy
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if line.startswith("  ")}
+    assert rows["listen"] == ["127.0.0.1:8080"]
+    assert rows["admin_listen"] == ["127.0.0.1:9090"]
+    assert rows["upstream.url"] == ["http://127.0.0.1:8089"]
+    assert rows["upstream.max_concurrent"] == ["512", "(default)"]
+    assert rows["credentials.api_key"] == ["NCSD…"]
+    assert rows["credentials.api_secret_file"] == ["from", "file", "config/demo/api_secret"]
+    assert rows["policy"] == ["config/demo/policy.yaml"]
+    assert "policy config/demo/policy.yaml: roles VIEWER < MEMBER < OWNER" in lines
     assert any(
         "records-bulk-restore: POST /crm-core/v1/records/bulk/restore" in line and "MEMBER+" in line
         for line in lines
@@ -195,7 +202,7 @@ def test_check_config_never_prints_an_environment_secret(tmp_path: Path) -> None
     env = {"SOLAPI_API_SECRET": secret}
     ok = run("check-config", "--config", "gateway.yaml", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert "secret from environment" in ok.stdout
+    assert re.search(r"^  credentials\.api_secret +from environment$", ok.stdout, re.M)
     (tmp_path / "policy.yaml").write_text("roles: []\nroutes: []\n")
     bad = run("check-config", "--config", "gateway.yaml", cwd=tmp_path, env=env)
     assert bad.returncode == 2

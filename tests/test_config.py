@@ -476,7 +476,7 @@ CONFIG_CASES: list[tuple[str, str, str, str, str]] = [
     ("list-as-string", "policy:", f"forward_headers: X-Tenant  {MARK}\npolicy:",
      "forward_headers", "must be a list"),
     ("api-key-chars", '"NCSTESTKEY000001"', f'"NCS TEST/KEY"  {MARK}',
-     "credentials.api_key", "must be letters, digits, _ or -"),
+     "credentials.api_key", "must be letters, digits, _ and - only"),
     ("connect-over-total", "  connect_timeout_s: 2", f"  connect_timeout_s: 11  {MARK}",
      "upstream.connect_timeout_s", "must not exceed timeout_s"),
     ("admin-same-port", '"127.0.0.1:19090"', f'"0.0.0.0:18080"  {MARK}',
@@ -496,14 +496,17 @@ BAD_ADDRESSES = [
 ]
 
 BAD_UPSTREAM_URLS = [
-    "http://api.example.com/v1",
-    "http://api.example.com/?x=1",
-    "http://api.example.com#top",
-    "ftp://api.example.com",
-    "file:///etc/passwd",
-    "api.example.com:443",
-    "https://user:pw@api.example.com",
-    "http://",
+    # each mistake is named, after the shape every upstream URL must have
+    ("http://api.example.com/v1", "it must not hold a path (each request brings its own)"),
+    ("http://api.example.com/?x=1", "it must not hold a query or fragment"),
+    ("http://api.example.com#top", "it must not hold a query or fragment"),
+    ("ftp://api.example.com", "the scheme is 'ftp'"),
+    ("htps://api.example.com", "the scheme is 'htps'"),
+    ("file:///etc/passwd", "the scheme is 'file'"),
+    ("api.example.com:443", "it has no scheme (write https://api.example.com:443)"),
+    ("https://user:pw@api.example.com", "it must not hold a user or password"),
+    ("http://", "it names no host"),
+    ("https://api.example.com:99999", "the port must be a number from 1 to 65535"),
 ]
 
 
@@ -546,13 +549,16 @@ def test_admin_port_clashes_with_a_listen_port_taken_from_the_default(tmp_path: 
     assert ": admin_listen: must not share the proxy port" in problem
 
 
-@pytest.mark.parametrize("url", BAD_UPSTREAM_URLS)
-def test_a_bad_upstream_url_is_an_error(tmp_path: Path, url: str) -> None:
+@pytest.mark.parametrize(("url", "why"), BAD_UPSTREAM_URLS)
+def test_a_bad_upstream_url_is_an_error_that_says_what_is_wrong(
+    tmp_path: Path, url: str, why: str
+) -> None:
     config = replace(CONFIG, '"http://127.0.0.1:18089"', f'"{url}"  {MARK}')
     path = write(tmp_path, config)
     assert problems(path) == [
-        f"{path}:{line_of(config)}: upstream.url: must be http(s)://HOST[:PORT] only"
+        f"{path}:{line_of(config)}: upstream.url: must be http(s)://HOST[:PORT] only: {why}"
     ]
+    assert "pw" not in problems(path)[0]  # a password in the URL is never echoed
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from multidict import CIMultiDict
 from gateway import signing
 from gateway.errors import Unauthorized
 from gateway.identity import Caller, identify, verifier_for
-from gateway.policy import Policy, Principal, TrustedHeaders
+from gateway.policy import Policy
+from gateway.principals import Principal, TrustedHeaders
 from gateway.signing import Secret
 
 TOKENS = {"VIEWER": "viewer-token", "MEMBER": "member-token", "OWNER": "owner-token"}
@@ -26,22 +27,27 @@ def sha(text: str) -> str:
 
 def make_policy(trusted: bool = True) -> Policy:
     principals = [
-        Principal(f"{role.lower()}-svc", role, token_sha256=sha(token))
+        Principal(name=f"{role.lower()}-svc", role=role, token_sha256=sha(token))
         for role, token in TOKENS.items()
     ]
     principals.append(
-        Principal("sdk-svc", "MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET))
+        Principal(name="sdk-svc", role="MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET))
     )
     headers = (
         TrustedHeaders(
-            "X-Internal-Principal",
-            "X-Internal-Role",
-            (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+            principal="X-Internal-Principal",
+            role="X-Internal-Role",
+            sources=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
         )
         if trusted
         else None
     )
-    return Policy(("VIEWER", "MEMBER", "OWNER"), tuple(principals), headers, ())
+    return Policy(
+        roles=("VIEWER", "MEMBER", "OWNER"),
+        principals=tuple(principals),
+        trusted_headers=headers,
+        routes=(),
+    )
 
 
 POLICY = make_policy()

@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__, config
 from gateway.metrics import BATCH_BUCKETS, Metrics
-from gateway.policy import METHODS
+from gateway.names import METHODS
 from gateway.server import Gateway
 
 RESTORE = "/crm-core/v1/records/bulk/restore"

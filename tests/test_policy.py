@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import Forbidden, MethodNotAllowed, RouteNotFound
-from gateway.policy import METHODS, Policy, Route
-from gateway.policyfile import load_policy
+from gateway.names import METHODS
+from gateway.policy import Policy, parse_policy
+from gateway.routes import Route
 from gateway.signing import Secret
-from gateway.yamlsource import Problems, Source
 
 REPO = Path(__file__).resolve().parent.parent
 RESTORE = "/crm-core/v1/records/bulk/restore"
@@ -76,13 +76,8 @@ routes:
 
 
 def policy_from(text: str, name: str = "policy.yaml") -> Policy:
-    problems = Problems()
-    src = Source(name, problems)
-    root = src.compose(text)
-    assert root is not None, [str(p) for p in problems.items]
-    policy = load_policy(src, root)
-    assert not problems, [str(p) for p in problems.items]
-    assert policy is not None
+    policy, problems = parse_policy(text, name)
+    assert policy is not None, [str(p) for p in problems]
     return policy
 
 

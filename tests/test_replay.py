@@ -39,7 +39,8 @@ from multidict import CIMultiDict
 from gateway import replay
 from gateway.errors import Unauthorized
 from gateway.identity import identify, verifier_for
-from gateway.policy import Policy, Principal
+from gateway.policy import Policy
+from gateway.principals import Principal
 from gateway.replay import REPLAY_DB_ENV, SharedReplayCache
 from gateway.signing import (
     REPLAY_FULL,
@@ -209,8 +210,10 @@ def sdk_header(salt: str | None = None) -> str:
 
 
 def policy() -> Policy:
-    sdk = Principal("sdk-svc", "MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET))
-    return Policy(("VIEWER", "MEMBER", "OWNER"), (sdk,), None, ())
+    sdk = Principal(
+        name="sdk-svc", role="MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET)
+    )
+    return Policy(roles=("VIEWER", "MEMBER", "OWNER"), principals=(sdk,), routes=())
 
 
 def test_two_workers_verifiers_share_one_memory_and_keep_it_across_reloads(

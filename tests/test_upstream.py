@@ -29,9 +29,9 @@ SIGNER = Signer("NCSTEST000000001", Secret("upstream-test-secret"))
 
 def settings(port: int, timeout_s: float = 2.0, **extra: float) -> UpstreamSettings:
     return UpstreamSettings(
-        URL(f"http://127.0.0.1:{port}"),
-        min(1.0, timeout_s),
-        timeout_s,
+        url=URL(f"http://127.0.0.1:{port}"),
+        connect_timeout_s=min(1.0, timeout_s),
+        timeout_s=timeout_s,
         **extra,  # type: ignore[arg-type]
     )
 

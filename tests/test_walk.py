@@ -18,10 +18,8 @@ from multidict import CIMultiDict
 
 from gateway import signing, walk
 from gateway.identity import verifier_for
-from gateway.policy import Policy
-from gateway.policyfile import load_policy
+from gateway.policy import Policy, parse_policy
 from gateway.signing import Secret, Verifier
-from gateway.yamlsource import Problems, Source
 
 ID = "CRMRC2026112800000000ABCDEF12345"
 RESTORE = "/crm-core/v1/records/bulk/restore"
@@ -74,12 +72,8 @@ routes:
 
 
 def policy_from(text: str) -> Policy:
-    problems = Problems()
-    src = Source("policy.yaml", problems)
-    root = src.compose(text)
-    assert root is not None
-    policy = load_policy(src, root)
-    assert policy is not None, [str(p) for p in problems.items]
+    policy, problems = parse_policy(text)
+    assert policy is not None, [str(p) for p in problems]
     return policy
 
 
