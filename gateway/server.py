@@ -143,10 +143,7 @@ class Gateway:
         policy, limit = settings.policy, settings.max_body_bytes
         decision = walk.Decision(request.method, request.raw_path)
         try:
-            if len(request.headers.getall("Host", ())) > 1:
-                # RFC 9112 §3.2: which of two hosts was meant is anyone's guess.
-                raise InvalidRequest("The request carries more than one Host header.")
-            walk.locate(decision, policy)
+            walk.locate(decision, request.headers, policy)
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
