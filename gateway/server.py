@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
@@ -40,9 +39,11 @@ from gateway.headers import downstream_headers, new_request_id, request_id, upst
 from gateway.identity import verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
+from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
-from gateway.upstream import Attempt, Upstream, failure
+from gateway.transport import Answer, Failure, UpstreamRequest
+from gateway.upstream import Upstream
 
 _CHUNK = 64 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -144,10 +145,7 @@ class Gateway:
         policy, limit = settings.policy, settings.max_body_bytes
         decision = walk.Decision(request.method, request.raw_path)
         try:
-            if len(request.headers.getall("Host", ())) > 1:
-                # RFC 9112 §3.2: which of two hosts was meant is anyone's guess.
-                raise InvalidRequest("The request carries more than one Host header.")
-            walk.locate(decision, policy)
+            walk.locate(decision, request.headers, policy)
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
@@ -179,39 +177,33 @@ class Gateway:
         body: bytes,
         entry: Entry,
     ) -> web.StreamResponse:
-        headers = upstream_headers(request.headers, settings.forward_headers, entry.request_id)
-        data = None if not body and request.method in _NO_BODY_METHODS else body
-        attempt = Attempt()
+        upstream_request = UpstreamRequest(
+            request.method,
+            request.raw_path,
+            upstream_headers(request.headers, settings.forward_headers, entry.request_id),
+            None if not body and request.method in _NO_BODY_METHODS else body,
+            on_throttle=route.retry_on_throttle,
+        )
+        tally = Tally()
         slot = await self.upstream.acquire_slot(settings.upstream)
         started = time.perf_counter()
         try:
             answer = await self.upstream.exchange(
-                settings.upstream,
-                request.method,
-                request.raw_path,
-                headers,
-                data,
-                settings.signer.fresh_header,
-                attempt,
-                on_throttle=route.retry_on_throttle,
+                upstream_request, settings.upstream, settings.signer.fresh_header, tally
             )
         except GatewayError:
             slot.release()
-            self._upstream_done(entry, attempt, started)
+            self._upstream_done(entry, tally, started)
             raise
         try:
-            return await self._relay(request, answer, entry, attempt)
+            return await self._relay(request, answer, entry, tally)
         finally:
             answer.release()
             slot.release()
-            self._upstream_done(entry, attempt, started)
+            self._upstream_done(entry, tally, started)
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        answer: aiohttp.ClientResponse,
-        entry: Entry,
-        attempt: Attempt,
+        self, request: web.BaseRequest, answer: Answer, entry: Entry, tally: Tally
     ) -> web.StreamResponse:
         """Stream upstream's answer back as it arrives."""
         entry.upstream_status = answer.status
@@ -222,26 +214,26 @@ class Gateway:
         )
         try:
             await response.prepare(request)
-            async for chunk in answer.content.iter_chunked(_CHUNK):
+            while chunk := await answer.read(_CHUNK):
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:  # our write failed: the caller hung up
             entry.reason = "caller went away before the answer was sent"
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except Failure as failed:
             # Headers are already on their way: the only honest signal left is to
             # cut the connection, so the caller sees a truncated answer, not a
             # complete-looking one.
-            failure(exc, attempt)
-            entry.reason = f"upstream failed mid-body ({attempt.error_kind})"
+            tally.failed(failed.kind)
+            entry.reason = f"upstream failed mid-body ({failed.kind})"
             if request.transport is not None:
                 request.transport.abort()
         return response
 
-    def _upstream_done(self, entry: Entry, attempt: Attempt, started: float) -> None:
+    def _upstream_done(self, entry: Entry, tally: Tally, started: float) -> None:
         seconds = time.perf_counter() - started
         entry.upstream_ms = round(seconds * 1000, 3)
-        entry.attempts = attempt.attempts
-        self.metrics.upstream(entry.route, seconds, attempt.failures, attempt.retries)
+        entry.attempts = tally.attempts
+        self.metrics.upstream(entry.route, seconds, tally.failures, tally.retries)
 
     def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
         entry.errorCode = exc.code

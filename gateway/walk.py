@@ -2,7 +2,8 @@
 
     target → identity → route → role → params → body → rules   → "would forward"
 
-    locate       target syntax, and the route lookup (its verdict waits)
+    locate       the target (one Host, canonical syntax), and the route lookup
+                 (its verdict waits)
     admit        identity, the route's verdict, role, path parameters
     check_body   the body, then the route's body rules
     decide       all three in a row, for a body already in hand
@@ -12,6 +13,16 @@ live handler reads it from the socket once ``admit`` has said yes (so nobody
 unidentified makes the gateway read a megabyte), ``solapi-gateway explain``
 reads a file. The live gateway and ``explain`` call these same functions, so
 they cannot disagree about a request.
+
+Every refusal that depends only on the request is made here. The others are
+not the request's doing, and ``explain`` cannot foresee them: the gateway
+draining (503 ``ShuttingDown``, after ``locate``), a body that does not arrive
+in time (408), no upstream slot free (503 ``Overloaded``), upstream failing
+(502/504). Before any of this, and before a handler exists, gateway/protocol.py
+refuses what the HTTP parser sees: a request that is not well-formed HTTP/1.x
+(a missing Host included) and a ``Transfer-Encoding`` the gateway would not
+trust. ``explain`` takes a request that was already parsed and framed: its
+body is a file, and it assumes the one Host every HTTP/1.1 client sends.
 
 Each step is recorded in the ``Decision`` as it passes or refuses: the first
 step that says no raises its ``GatewayError`` (and stores it), and no later
@@ -29,7 +40,13 @@ from typing import Any, Final
 from multidict import MultiMapping
 
 from gateway import batch
-from gateway.errors import GatewayError, InvalidBody, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    GatewayError,
+    InvalidBody,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from gateway.identity import Caller, identify
 from gateway.policy import UNMATCHED, Policy
 from gateway.routes import Route
@@ -103,9 +120,15 @@ def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The body is larger than {limit} bytes.")
 
 
-def locate(d: Decision, policy: Policy) -> None:
-    """Step 1, the target; then the route lookup, whose 404/405 waits for its step."""
+def locate(d: Decision, headers: MultiMapping[str], policy: Policy) -> None:
+    """Step 1, the target; then the route lookup, whose 404/405 waits for its step.
+
+    The target is the request target with the Host it names (RFC 9110 §7.1), so
+    a second Host is refused here, first of all."""
     with d.step("target") as note:
+        if len(headers.getall("Host", ())) > 1:
+            # RFC 9112 §3.2: which of two hosts was meant is anyone's guess.
+            raise InvalidRequest("The request carries more than one Host header.")
         path, _ = split_target(d.target)
         d.path = path
         note(path)
@@ -205,7 +228,7 @@ def decide(
     """The whole walk for a body already in hand; a refusal is in ``Decision.error``."""
     d = Decision(method, target)
     try:
-        locate(d, policy)
+        locate(d, headers, policy)
         admit(d, headers, peer, policy, verifier, now)
         check_body(d, headers, body, policy, max_body_bytes)
     except GatewayError:

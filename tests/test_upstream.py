@@ -1,6 +1,7 @@
 """gateway/upstream.py: retries only where safe, one time budget, a bounded number in flight.
 
-These run the real client against real sockets served in-process.
+These run the real client against real sockets served in-process; the same rules
+on a scripted transport in fake time are tests/test_retry.py.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 
 import pytest
 from aiohttp import web
@@ -20,8 +19,10 @@ from yarl import URL
 from gateway import signing
 from gateway.config import UpstreamSettings
 from gateway.errors import Overloaded, UpstreamTimeout, UpstreamUnavailable
+from gateway.retry import MAX_ATTEMPTS, Tally
 from gateway.signing import Secret, Signer
-from gateway.upstream import MAX_ATTEMPTS, Attempt, Upstream, retry_after
+from gateway.transport import UpstreamRequest
+from gateway.upstream import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIGNER = Signer("NCSTEST000000001", Secret("upstream-test-secret"))
@@ -62,24 +63,25 @@ async def serve(aiohttp_server) -> Callable[[Handler], Awaitable[int]]:  # type:
 
 
 async def call(
-    upstream: Upstream, conf: UpstreamSettings, attempt: Attempt, *, on_throttle: bool = False
+    upstream: Upstream, conf: UpstreamSettings, tally: Tally, *, on_throttle: bool = False
 ) -> int:
-    answer = await upstream.exchange(
-        conf, "POST", "/crm-core/v1/records/bulk/restore?x=1", CIMultiDict(), b"{}",
-        SIGNER.fresh_header, attempt, on_throttle=on_throttle,
+    request = UpstreamRequest(
+        "POST", "/crm-core/v1/records/bulk/restore?x=1", CIMultiDict(), b"{}",
+        on_throttle=on_throttle,
     )  # fmt: skip
+    answer = await upstream.exchange(request, conf, SIGNER.fresh_header, tally)
     status = answer.status
     answer.release()
     return status
 
 
 async def test_a_refused_connection_is_retried_then_502(upstream: Upstream) -> None:
-    attempt = Attempt()
+    tally = Tally()
     with pytest.raises(UpstreamUnavailable):
-        await call(upstream, settings(closed_port()), attempt)
-    assert attempt.attempts == MAX_ATTEMPTS
-    assert attempt.failures == ["connect"] * MAX_ATTEMPTS
-    assert attempt.retries == ["connect"] * (MAX_ATTEMPTS - 1)
+        await call(upstream, settings(closed_port()), tally)
+    assert tally.attempts == MAX_ATTEMPTS
+    assert tally.failures == ["connect"] * MAX_ATTEMPTS
+    assert tally.retries == ["connect"] * (MAX_ATTEMPTS - 1)
 
 
 async def test_throttled_answers_are_retried_on_opt_in_with_fresh_signatures(
@@ -94,11 +96,11 @@ async def test_throttled_answers_are_retried_on_opt_in_with_fresh_signatures(
         return web.Response(text="ok")
 
     port = await serve(handler)
-    attempt = Attempt()
-    assert await call(upstream, settings(port), attempt, on_throttle=True) == 200
-    assert attempt.retries == ["throttle", "throttle"] and attempt.attempts == 3
+    tally = Tally()
+    assert await call(upstream, settings(port), tally, on_throttle=True) == 200
+    assert tally.retries == ["throttle", "throttle"] and tally.attempts == 3
     salts = {signing.parse(h).salt for h in seen}
-    assert len(salts) == 3  # every attempt is signed afresh
+    assert len(salts) == 3  # every tally is signed afresh
 
 
 async def test_throttled_answers_pass_through_without_opt_in(
@@ -107,9 +109,9 @@ async def test_throttled_answers_pass_through_without_opt_in(
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=503, headers={"Retry-After": "0"})
 
-    attempt = Attempt()
-    assert await call(upstream, settings(await serve(handler)), attempt) == 503
-    assert attempt.attempts == 1 and attempt.retries == []
+    tally = Tally()
+    assert await call(upstream, settings(await serve(handler)), tally) == 503
+    assert tally.attempts == 1 and tally.retries == []
 
 
 async def test_a_retry_after_beyond_the_budget_is_not_waited_for(
@@ -118,10 +120,10 @@ async def test_a_retry_after_beyond_the_budget_is_not_waited_for(
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=429, headers={"Retry-After": "5"})
 
-    attempt = Attempt()
+    tally = Tally()
     started = time.monotonic()
-    status = await call(upstream, settings(await serve(handler), 1.0), attempt, on_throttle=True)
-    assert status == 429 and attempt.attempts == 1
+    status = await call(upstream, settings(await serve(handler), 1.0), tally, on_throttle=True)
+    assert status == 429 and tally.attempts == 1
     assert time.monotonic() - started < 0.5
 
 
@@ -132,12 +134,12 @@ async def test_no_answer_is_504_within_the_budget_and_not_retried(
         await asyncio.sleep(10)
         return web.Response()
 
-    attempt = Attempt()
+    tally = Tally()
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
-        await call(upstream, settings(await serve(handler), 0.5), attempt)
+        await call(upstream, settings(await serve(handler), 0.5), tally)
     assert 0.4 < time.monotonic() - started < 1.5
-    assert attempt.attempts == 1 and attempt.failures == ["timeout"]
+    assert tally.attempts == 1 and tally.failures == ["timeout"]
 
 
 async def test_a_reset_after_sending_is_not_retried(
@@ -152,10 +154,10 @@ async def test_a_reset_after_sending_is_not_retried(
         request.transport.abort()  # upstream may have acted: repeating could double it
         return web.Response()
 
-    attempt = Attempt()
+    tally = Tally()
     with pytest.raises(UpstreamUnavailable):
-        await call(upstream, settings(await serve(handler)), attempt)
-    assert calls == 1 and attempt.attempts == 1 and attempt.failures == ["reset"]
+        await call(upstream, settings(await serve(handler)), tally)
+    assert calls == 1 and tally.attempts == 1 and tally.failures == ["reset"]
 
 
 async def test_only_max_concurrent_exchanges_run_then_overloaded(
@@ -170,19 +172,3 @@ async def test_only_max_concurrent_exchanges_run_then_overloaded(
     held[0].release()
     (await upstream.acquire_slot(conf)).release()  # a freed slot is usable again
     held[1].release()
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [("0", 0.0), ("7", 7.0), (" 12 ", 12.0), (None, None), ("soon", None), ("-1", None)],
-)
-def test_retry_after_seconds(value: str | None, expected: float | None) -> None:
-    assert retry_after(value) == expected
-
-
-def test_retry_after_http_date() -> None:
-    now = datetime(2026, 11, 28, 9, 0, 0, tzinfo=UTC)
-    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
-    assert retry_after(later, now.timestamp()) == 30.0
-    earlier = format_datetime(now - timedelta(seconds=30), usegmt=True)
-    assert retry_after(earlier, now.timestamp()) == 0.0

@@ -177,6 +177,27 @@ def test_the_first_step_that_says_no_ends_the_walk(
     assert failed.detail.startswith(f"{d.error.status} {code}: ")
 
 
+def test_two_host_headers_are_refused_before_anything_else(policy: Policy) -> None:
+    headers = headers_of("MEMBER")
+    headers.add("Host", "a.test")
+    headers.add("host", "b.test")
+    d = walk.decide(
+        "POST",
+        "/a/../b",
+        headers,
+        "10.0.0.7",
+        b"",
+        policy,
+        verifier_for(policy),
+        time.time(),
+        LIMIT,
+    )
+    assert d.error is not None and d.error.code == "InvalidRequest" and d.error.status == 400
+    assert outcome(d) == [("target", False)]  # before the target's own syntax, even
+    assert d.route_name == "unmatched" and d.path is None
+    assert decide(policy, "POST", RESTORE, "MEMBER", ids(ID), Host="b.test").would_forward
+
+
 def test_the_route_is_named_for_logs_and_metrics_even_when_identity_fails(
     policy: Policy,
 ) -> None:
@@ -200,7 +221,7 @@ def test_locate_admit_check_body_is_what_decide_does(policy: Policy) -> None:
     """The live handler's calls (with the body read in between) are ``decide``."""
     headers = headers_of("MEMBER")
     d = walk.Decision("POST", RESTORE)
-    walk.locate(d, policy)
+    walk.locate(d, headers, policy)
     assert outcome(d) == [("target", True)]
     assert d.route_name == "records-bulk-restore"  # already known, for logs and metrics
     walk.admit(d, headers, "10.0.0.7", policy, verifier_for(policy), time.time())
