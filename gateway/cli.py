@@ -28,7 +28,19 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from gateway import __version__, config, demo, logs, names, report, walk
+from gateway import (
+    __version__,
+    config,
+    demo,
+    logs,
+    names,
+    report,
+    sandbox,
+    service,
+    state,
+    supervisor,
+    walk,
+)
 from gateway.config import Settings
 from gateway.identity import verifier_for
 from gateway.principals import TrustedHeaders
@@ -72,17 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     workers = args.workers if args.workers is not None else settings.workers
     if workers > 1:
-        from gateway import supervisor
-
-        # Must happen before anything imports prometheus_client.
-        made = supervisor.prepare_metrics_dir()
-        return _run(supervisor.supervise(settings, workers, made))
-    from gateway import service
-    from gateway.replay import REPLAY_DB_ENV
-
-    # Only a supervisor hands its workers a shared replay memory; one that leaked in
-    # from the shell must not make a lone process use somebody else's file.
-    os.environ.pop(REPLAY_DB_ENV, None)
+        return _run(supervisor.supervise(settings, workers))
     return _run(service.serve(settings))
 
 
@@ -91,9 +93,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _load_logged(args.config)
     if settings is None:
         return EXIT_CONFIG
-    from gateway import service
+    shared = state.Shared(args.replay_file, args.metrics_dir)
 
-    return _run(service.serve(settings, worker=True))
+    async def listening(_: object) -> None:
+        supervisor.report_ready(args.ready_fd)
+
+    return _run(service.serve(settings, shared=shared, ready=listening))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -105,8 +110,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from gateway import sandbox
-
     logs.setup()
     parsed = config.parse_address(args.listen)
     if isinstance(parsed, str):
@@ -260,6 +263,9 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", required=True)
+    worker.add_argument("--replay-file", required=True)
+    worker.add_argument("--metrics-dir", required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
     with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG).set_defaults(
         func=cmd_demo

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import orjson
 
-from gateway import logs, sandbox
+from gateway import logs, sandbox, service
 from gateway.config import Settings
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+from gateway.server import Gateway
 
 DEMO_CONFIG: Final = "config/demo/gateway.yaml"
 DEMO_API_KEY: Final = "NCSDEMOKEY000001"
@@ -82,8 +80,6 @@ def curl_lines(settings: Settings) -> list[str]:
 
 
 async def run(settings: Settings) -> int:
-    from gateway import service  # imports prometheus_client: only once a command needs it
-
     url = settings.upstream.url
     host, port = url.host or "127.0.0.1", url.port or 80
     keys = {settings.signer.api_key: settings.signer.secret}

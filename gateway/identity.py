@@ -20,7 +20,6 @@ a log pipeline can count them.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,7 +28,6 @@ from multidict import MultiMapping
 from gateway.errors import Unauthorized
 from gateway.names import PRINCIPAL
 from gateway.policy import Policy
-from gateway.replay import REPLAY_DB_ENV, SharedReplayCache
 from gateway.signing import MALFORMED, Rejected, ReplayMemory, Verifier, parse
 
 _MAX_TOKEN_CHARS: Final = 4096
@@ -112,19 +110,12 @@ def _hmac_reason(exc: Rejected, header: str) -> str:
     return reason
 
 
-def verifier_for(policy: Policy, previous: Verifier | None = None) -> Verifier:
-    """A verifier for the policy's internal keys that keeps the replay memory across reloads.
+def verifier_for(policy: Policy, replay: ReplayMemory | None = None) -> Verifier:
+    """A verifier for the policy's internal keys, remembering salts in ``replay``.
 
-    The first one of a worker under ``serve --workers N`` (its supervisor names the
-    file in the environment) shares its memory with the other workers; a single
-    process keeps its own in memory.
+    The process chooses the memory once (gateway/state.py) and passes the same one
+    to every verifier it builds, so a reload forgets no salt it has seen; without
+    one, the verifier keeps its own.
     """
     secrets = {p.hmac_key: p.hmac_secret for p in policy.principals if p.hmac_key and p.hmac_secret}
-    replay: ReplayMemory | None
-    if previous is not None:
-        replay = previous.replay
-    elif shared := os.environ.get(REPLAY_DB_ENV):
-        replay = SharedReplayCache(shared)
-    else:
-        replay = None  # the verifier's own ReplayCache
     return Verifier(secrets, replay=replay)

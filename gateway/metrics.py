@@ -11,8 +11,12 @@ or ``other`` (e.g. a name vouched for by trusted headers), so its label set is
 bounded by the policy too. Requests refused before a caller was identified
 are not in it (they have no principal).
 
-With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set before this
-module is imported and each scrape sums the workers' files.
+With several worker processes each one writes its values to files in one
+folder, and a scrape sums them (prometheus-client's multiprocess mode). Who
+runs which way is said when a ``Metrics`` is made: ``multiprocess_dir`` names
+that folder (the supervisor's and each worker's), None keeps the values in
+this process. This module can be imported at any time, before or after the
+folder is known: see ``_keep_values``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 
 from gateway import __version__
@@ -49,8 +54,50 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+_MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# One value class per folder: each keeps its files open, and two open on one file
+# would overwrite each other's entries.
+_multiprocess_values: dict[str, Any] = {}
+
+
+def _keep_values(multiprocess_dir: str | None) -> None:
+    """Make the metrics created from now on keep their values in this process
+    (None), or in files under ``multiprocess_dir`` that a scrape sums.
+
+    prometheus-client chooses once, when ``prometheus_client.values`` is first
+    imported: multiprocess if ``PROMETHEUS_MULTIPROC_DIR`` is set then. That would
+    make every importer of this module wait for the folder. But each metric (and
+    each labelled child) takes its value class from ``values.ValueClass`` when it
+    is created, so setting that attribute here moves the choice to the moment a
+    ``Metrics`` is made. It stays one choice per process (a module attribute):
+    a process makes one ``Metrics``. The variable is still set, because a
+    multiprocess value names its file from it whenever it opens one.
+    """
+    if multiprocess_dir is None:
+        values.ValueClass = values.MutexValue
+        return
+    chosen = _multiprocess_values.get(multiprocess_dir)
+    if chosen is None:
+        current = values.ValueClass
+        # Chosen at import, from the variable this process was started with: keep it.
+        inherited = getattr(current, "_multiprocess", False)
+        if inherited and os.environ.get(_MULTIPROC_ENV) == multiprocess_dir:
+            chosen = current
+        else:
+            chosen = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        _multiprocess_values[multiprocess_dir] = chosen
+    os.environ[_MULTIPROC_ENV] = multiprocess_dir
+    values.ValueClass = chosen
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
+        """``multiprocess_dir``: the folder whose files every process of a
+        ``serve --workers N`` writes and ``render`` sums; None for a lone process."""
+        _keep_values(multiprocess_dir)
+        self.multiprocess_dir = multiprocess_dir
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -167,8 +214,16 @@ class Metrics:
 
 def render(metrics: Metrics) -> bytes:
     """The text exposition: this process's registry, or all workers' files."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if metrics.multiprocess_dir is not None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=metrics.multiprocess_dir
+        )
         return generate_latest(registry)
     return generate_latest(metrics.registry)
+
+
+def mark_process_dead(metrics: Metrics, pid: int) -> None:
+    """Drop a dead worker's live gauges (its in-flight count) from the sum."""
+    if metrics.multiprocess_dir is not None:
+        multiprocess.mark_process_dead(pid, metrics.multiprocess_dir)  # type: ignore[no-untyped-call]

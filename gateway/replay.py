@@ -4,7 +4,7 @@ Each worker verifies internal callers' HMAC headers on its own, and the kernel
 spreads connections over the workers, so a memory per worker would let a
 replayed header through once per worker. This one is a SQLite file in WAL mode
 in a folder the supervisor makes (and removes at exit); every worker opens it,
-and the supervisor hands its path to them in ``SOLAPI_GATEWAY_REPLAY_DB``.
+and the supervisor names it on each worker's command line (gateway/state.py).
 
     seen(digest BLOB PRIMARY KEY, expiry REAL)   one row per (apiKey, salt) seen
     size(n)                                      the row count, kept by triggers
@@ -49,7 +49,6 @@ from typing import Any, Final
 
 from gateway.signing import REPLAY_FULL, REPLAY_REUSED, WINDOW_S
 
-REPLAY_DB_ENV: Final = "SOLAPI_GATEWAY_REPLAY_DB"
 BUSY_TIMEOUT_S: Final = 1.0
 _PURGE_EVERY: Final = 64
 _PURGE_ROWS: Final = 4 * _PURGE_EVERY

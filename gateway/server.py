@@ -42,6 +42,7 @@ from gateway.policy import UNMATCHED
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
+from gateway.state import State
 from gateway.transport import Answer, Failure, UpstreamRequest
 from gateway.upstream import Upstream
 
@@ -83,8 +84,10 @@ _ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name != "record_ids")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.loaded = Loaded(settings, verifier_for(settings.policy))
+    def __init__(self, settings: Settings, metrics: Metrics, state: State | None = None) -> None:
+        # The process's shared state (gateway/state.py); a lone in-memory one by default.
+        self.state = state if state is not None else State.in_memory()
+        self.loaded = Loaded(settings, verifier_for(settings.policy, self.state.replay))
         self.metrics = metrics
         self.upstream = Upstream()
         self.draining = False
@@ -92,7 +95,7 @@ class Gateway:
 
     def swap(self, settings: Settings) -> None:
         """Use a newly loaded config from the next request on."""
-        self.loaded = Loaded(settings, verifier_for(settings.policy, self.loaded.verifier))
+        self.loaded = Loaded(settings, verifier_for(settings.policy, self.state.replay))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()

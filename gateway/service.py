@@ -1,4 +1,4 @@
-"""Running the gateway process: listeners, the admin port, signals.
+"""Running one gateway process: what it starts, in which order, how it stops.
 
     SIGHUP           reload config, policy and secret file together; keep the
                      old set if anything is invalid; reopen the audit log
@@ -7,68 +7,50 @@
                      finish within shutdown_grace_s, exit 0 (another signal
                      while draining cuts nothing off)
 
-The admin listener (/healthz, /readyz, /metrics) is a separate aiohttp app on
-its own address, and keeps answering while the proxy drains.
+``serve`` starts each resource in turn and registers it on one
+``AsyncExitStack`` as soon as it is started:
+
+    state → audit log → upstream session → admin listener → signal handlers
+          → proxy listener → the mark that starts a drain
+
+Every way out (a start that fails, the drain after SIGTERM, cancellation)
+unwinds that one stack in reverse. Once the proxy listened, that begins with
+the drain: ``/readyz`` says 503, the proxy stops accepting and lets in-flight
+requests finish while the handlers stay (so a second signal cuts nothing
+off); then the admin listener, the upstream session, the audit file and the
+state go. The admin listener (gateway/admin.py)
+starts before the proxy for that reason: it answers all through the drain.
+``/readyz`` turns 200 only once the proxy listens.
+
+A worker of ``serve --workers N`` is given its share (``state.Shared``) by its
+supervisor: it binds the proxy port with ``SO_REUSEPORT`` and leaves the admin
+port and the reload count to the supervisor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import __version__, config, logs
-from gateway.config import Settings
-from gateway.metrics import CONTENT_TYPE, Metrics, render
+from gateway import __version__, admin, config, logs, state
+from gateway.config import Address, Settings
+from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
 from gateway.server import Gateway
-from gateway.supervisor import signal_ready
 from gateway.yamlsource import ConfigError
 
-_METRICS = web.AppKey("metrics", Metrics)
-_READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+
+class StartFailed(Exception):
+    """Something could not be started: what was, is let go, and the process exits 1."""
 
 
-def admin_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
-    app = web.Application()
-    app[_METRICS] = metrics
-    app[_READY] = ready
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        if not request.app[_READY]():
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ready"})
-
-    async def metrics_page(request: web.Request) -> web.Response:
-        body = render(request.app[_METRICS])
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_page)
-    return app
-
-
-async def start_admin(
-    settings: Settings, metrics: Metrics, ready: Callable[[], bool]
-) -> web.AppRunner | None:
-    """The admin listener, or None (logged) if its address cannot be bound."""
-    runner = web.AppRunner(admin_app(metrics, ready), access_log=None, handle_signals=False)
-    await runner.setup()
-    address = settings.admin_listen
-    try:
-        await web.TCPSite(runner, address.host, address.port).start()
-    except OSError as exc:
-        logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
-        await runner.cleanup()
-        return None
-    return runner
+def cannot_listen(address: Address, exc: OSError) -> str:
+    return f"cannot listen on {address}: {exc.strerror or exc}"
 
 
 def open_audit(settings: Settings) -> logs.AuditLog | None:
@@ -149,99 +131,128 @@ def named_principals(settings: Settings) -> frozenset[str]:
 async def serve(
     settings: Settings,
     *,
+    shared: state.Shared | None = None,
     ready: Callable[[Gateway], Awaitable[None]] | None = None,
-    worker: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or cancellation), then drain and return the exit code.
+    """Run until SIGTERM/SIGINT (or cancellation), then drain; return the exit code.
 
-    As one of several workers (``worker=True``) the process shares the proxy port
-    and leaves the admin port and the reload count to the supervisor.
+    ``shared``: what a worker's supervisor set up for all its workers (None for
+    a lone process). ``ready`` is awaited once the proxy listens.
     """
-    gateway = Gateway(settings, Metrics())
-    gateway.metrics.principals = named_principals(settings)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            gateway, stop = await _start(stack, settings, shared)
+            logs.emit(
+                "started",
+                version=__version__,
+                pid=os.getpid(),
+                listen=str(settings.listen),
+                **({} if shared else {"admin_listen": str(settings.admin_listen)}),
+                upstream=str(settings.upstream.url),
+                routes=len(settings.policy.routes),
+            )
+            if ready is not None:
+                await ready(gateway)
+            await stop.wait()
+    except StartFailed as exc:
+        logs.emit("start_failed", error=str(exc))
+        return 1
+    logs.emit("stopped")
+    return 0
+
+
+async def _start(
+    stack: contextlib.AsyncExitStack, settings: Settings, shared: state.Shared | None
+) -> tuple[Gateway, asyncio.Event]:
+    """Start everything in order, each pushed on ``stack`` as it is started."""
+    chosen = state.build(settings, shared)
+    stack.push_async_callback(chosen.close)
+    metrics = Metrics(multiprocess_dir=shared.metrics_dir if shared else None)
+    gateway = Gateway(settings, metrics, chosen)
+    metrics.principals = named_principals(settings)
     try:
         gateway.audit = open_audit(settings)
     except OSError as exc:
-        logs.emit("start_failed", error=f"cannot open audit_log: {exc.strerror or exc}")
-        return 1
+        raise StartFailed(f"cannot open audit_log: {exc.strerror or exc}") from None
+    stack.callback(_close_audit, gateway)  # whichever file is open by then (SIGHUP swaps it)
     await gateway.upstream.start()
-    proxy = web.ServerRunner(
-        GatewayServer(
-            gateway.handle,
-            gateway.bad_request,
-            access_log=None,
-            auto_decompress=False,  # the body is forwarded byte for byte
-            # One timer bounds both an idle kept-alive connection and a caller
-            # that never finishes sending its headers (see gateway/protocol.py).
-            keepalive_timeout=settings.keepalive_timeout_s,
-            # After a refusal, unread body bytes are drained this long at most, so
-            # the caller can read the answer before the connection is closed.
-            lingering_time=2.0,
-        ),
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_grace_s,
-    )
+    stack.push_async_callback(gateway.upstream.close)
+
+    listening = asyncio.Event()
+    if shared is None:
+        view = admin.View(metrics, lambda: listening.is_set() and not gateway.draining)
+        try:
+            admin_runner = await admin.start(settings.admin_listen, view)
+        except OSError as exc:
+            raise StartFailed(cannot_listen(settings.admin_listen, exc)) from None
+        stack.push_async_callback(admin_runner.cleanup)
+
+    stop = asyncio.Event()
+    _handle_signals(stack, gateway, settings, stop, count=shared is None)
+
+    proxy = _proxy_runner(gateway, settings)
     await proxy.setup()
-
-    async def abandon() -> int:
-        await proxy.cleanup()
-        await gateway.upstream.close()
-        if gateway.audit is not None:
-            gateway.audit.close()
-        return 1
-
+    # Stops accepting at once, then waits for in-flight requests up to the grace.
+    stack.push_async_callback(proxy.cleanup)
     address = settings.listen
     try:
         await web.TCPSite(
-            proxy, address.host, address.port, backlog=1024, reuse_port=worker or None
+            proxy, address.host, address.port, backlog=1024, reuse_port=shared is not None or None
         ).start()
     except OSError as exc:
-        logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
-        return await abandon()
-    admin = None
-    if not worker:
-        admin = await start_admin(settings, gateway.metrics, lambda: not gateway.draining)
-        if admin is None:
-            return await abandon()
+        raise StartFailed(cannot_listen(address, exc)) from None
+    stack.callback(_begin_drain, gateway)
+    listening.set()
+    return gateway, stop
 
-    stop = asyncio.Event()
+
+def _proxy_runner(gateway: Gateway, settings: Settings) -> web.ServerRunner:
+    server = GatewayServer(
+        gateway.handle,
+        gateway.bad_request,
+        access_log=None,
+        auto_decompress=False,  # the body is forwarded byte for byte
+        # One timer bounds both an idle kept-alive connection and a caller
+        # that never finishes sending its headers (see gateway/protocol.py).
+        keepalive_timeout=settings.keepalive_timeout_s,
+        # After a refusal, unread body bytes are drained this long at most, so
+        # the caller can read the answer before the connection is closed.
+        lingering_time=2.0,
+    )
+    return web.ServerRunner(
+        server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
+    )
+
+
+def _handle_signals(
+    stack: contextlib.AsyncExitStack,
+    gateway: Gateway,
+    started: Settings,
+    stop: asyncio.Event,
+    *,
+    count: bool,
+) -> None:
+    # Installed before the proxy listens, so they are removed only once the drain is
+    # over: Ctrl-C or systemd signal every process of the group, so a worker may get
+    # SIGINT and then its supervisor's SIGTERM (or a logrotate SIGHUP), and the
+    # default action of any of those would cut the requests in flight off.
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: reload(gateway, settings, count=not worker) and None
-    )
-    loop.add_signal_handler(signal.SIGUSR1, reopen_audit, gateway)
-    logs.emit(
-        "started",
-        version=__version__,
-        pid=os.getpid(),
-        listen=str(settings.listen),
-        **({} if worker else {"admin_listen": str(settings.admin_listen)}),
-        upstream=str(settings.upstream.url),
-        routes=len(settings.policy.routes),
-    )
-    try:
-        if worker:
-            signal_ready()
-        if ready is not None:
-            await ready(gateway)
-        await stop.wait()
-    finally:
-        # The handlers stay until the drain is over: Ctrl-C or systemd signal every
-        # process of the group, so a worker may get SIGINT and then its supervisor's
-        # SIGTERM (or a logrotate SIGHUP), and the default action of any of those
-        # would cut the requests in flight off.
-        gateway.draining = True
-        logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
-        # Stops accepting at once, then waits for in-flight requests up to the grace.
-        await proxy.cleanup()
-        await gateway.upstream.close()
-        if admin is not None:
-            await admin.cleanup()
-        if gateway.audit is not None:
-            gateway.audit.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
-        logs.emit("stopped")
-    return 0
+    handlers: dict[signal.Signals, Callable[[], object]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: lambda: reload(gateway, started, count=count),
+        signal.SIGUSR1: lambda: reopen_audit(gateway),
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+        stack.callback(loop.remove_signal_handler, sig)
+
+
+def _begin_drain(gateway: Gateway) -> None:
+    gateway.draining = True  # /readyz → 503; a request still queued gets ShuttingDown
+    logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
+
+
+def _close_audit(gateway: Gateway) -> None:
+    if gateway.audit is not None:
+        gateway.audit.close()

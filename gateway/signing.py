@@ -192,6 +192,10 @@ class ReplayMemory(Protocol):
         """Atomically record ``key``; return why it must be refused, or None if it is new."""
         ...
 
+    def close(self) -> None:
+        """Let go of what it holds (a file, a connection) once the process is done with it."""
+        ...
+
 
 class ReplayCache:
     """Remembers (key, salt) pairs for as long as their signature could still verify.
@@ -226,6 +230,9 @@ class ReplayCache:
             return REPLAY_FULL
         expiry[key] = now + self._horizon
         return None
+
+    def close(self) -> None:
+        self._expiry.clear()
 
 
 class Verifier:

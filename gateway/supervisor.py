@@ -1,18 +1,21 @@
 """``serve --workers N``: N worker processes on one port, under one supervisor.
 
 Each worker is ``python -m gateway _worker`` bound to the proxy port with
-``SO_REUSEPORT``, so the kernel spreads connections over them. The supervisor
-owns everything that must exist once:
+``SO_REUSEPORT``, so the kernel spreads connections over them. Its command line
+names what the supervisor set up for all workers (``state.Shared``) and the
+pipe on which it says "listening" (``report_ready``). The supervisor owns
+everything that must exist once:
 
-- the admin port, with one ``/metrics`` summed over all workers (prometheus
-  multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is cleaned at start, set for
-  every worker, and a dead worker's live gauges are dropped);
+- the admin port (gateway/admin.py), with one ``/metrics`` summed over all
+  workers (prometheus multiprocess mode: the folder, ``$PROMETHEUS_MULTIPROC_DIR``
+  if set, else a temporary one, is cleaned at start, and a dead worker's live
+  gauges are dropped);
 - SIGHUP: the supervisor validates the new config once, counts the reload
   once, and only then tells every worker to reload; if it is invalid, the
   workers only reopen their audit file (SIGUSR1);
 - the replay memory of internal HMAC signatures: one SQLite file that every
-  worker opens (``SOLAPI_GATEWAY_REPLAY_DB``), in a folder removed at exit, so
-  a replayed header is refused whichever worker it reaches;
+  worker opens, in a folder removed at exit, so a replayed header is refused
+  whichever worker it reaches;
 - SIGTERM/SIGINT: ``/readyz`` turns 503 and every worker drains on its own;
 - restarts: a worker that dies is replaced, unless workers die straight after
   starting again and again (a port taken, a broken install), when the
@@ -24,38 +27,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-from gateway import __version__, config, logs
+from gateway import __version__, admin, config, logs, state
 from gateway.config import Settings
-from gateway.replay import REPLAY_DB_ENV
+from gateway.metrics import Metrics, mark_process_dead
 from gateway.yamlsource import ConfigError
 
-READY_FD_ENV = "SOLAPI_GATEWAY_READY_FD"
 _FAST_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as a crash loop
 _MAX_FAST_DEATHS = 5
-
-
-def prepare_metrics_dir() -> str | None:
-    """Set up PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported.
-
-    Returns the folder to remove at exit if the supervisor made it itself.
-    """
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given:
-        os.makedirs(given, exist_ok=True)
-        for name in os.listdir(given):  # stale counts from an earlier run would be summed in
-            if name.endswith(".db"):
-                os.unlink(os.path.join(given, name))
-        return None
-    made = tempfile.mkdtemp(prefix="solapi-gateway-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
-    return made
 
 
 @dataclass(slots=True)
@@ -67,13 +50,12 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int) -> None:
-        from gateway.metrics import Metrics  # after the multiprocess folder is set
-
+    def __init__(self, settings: Settings, workers: int, shared: state.Shared) -> None:
         self.settings = settings
         self.started_with = settings  # whose listen and admin_listen are the ones bound
         self.count = workers
-        self.metrics = Metrics()
+        self.shared = shared
+        self.metrics = Metrics(multiprocess_dir=shared.metrics_dir)
         self.workers: dict[int, Worker] = {}
         self.draining = False
         self.fast_deaths = 0
@@ -82,10 +64,11 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> Worker:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, READY_FD_ENV: str(write_fd)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "_worker", "--config", self.settings.config_path,
-            env=env, pass_fds=(write_fd,),
+            "--replay-file", self.shared.replay_file, "--metrics-dir", self.shared.metrics_dir,
+            "--ready-fd", str(write_fd),
+            pass_fds=(write_fd,),
         )  # fmt: skip
         os.close(write_fd)
         worker = Worker(index, process, time.monotonic())
@@ -116,9 +99,7 @@ class Supervisor:
             if self.draining:  # SIGTERM came while it was starting: it drains too
                 worker.process.send_signal(signal.SIGTERM)
             code = await worker.process.wait()
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(worker.process.pid)  # type: ignore[no-untyped-call]
+            mark_process_dead(self.metrics, worker.process.pid)
             if self.draining:
                 return
             lived = time.monotonic() - worker.started
@@ -163,10 +144,11 @@ class Supervisor:
         self._signal_all(signal.SIGHUP)
 
     async def run(self) -> int:
-        from gateway.service import start_admin
-
-        admin = await start_admin(self.settings, self.metrics, self.ready)
-        if admin is None:
+        address = self.settings.admin_listen
+        try:
+            admin_runner = await admin.start(address, admin.View(self.metrics, self.ready))
+        except OSError as exc:
+            logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
             return 1
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
@@ -187,27 +169,20 @@ class Supervisor:
             await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), grace)
         except TimeoutError:
             self._signal_all(signal.SIGKILL)
-        await admin.cleanup()
+        await admin_runner.cleanup()
         logs.emit("stopped")
         return self.exit_code
 
 
-async def supervise(settings: Settings, workers: int, made_dir: str | None) -> int:
-    # One replay memory for all workers (gateway/replay.py), in a folder of this run's own.
-    replay_dir = tempfile.mkdtemp(prefix="solapi-gateway-replay-")
-    os.environ[REPLAY_DB_ENV] = os.path.join(replay_dir, "replay.sqlite3")
-    try:
-        return await Supervisor(settings, workers).run()
-    finally:
-        shutil.rmtree(replay_dir, ignore_errors=True)
-        if made_dir is not None:
-            shutil.rmtree(made_dir, ignore_errors=True)
+async def supervise(settings: Settings, workers: int) -> int:
+    # An operator may choose the metrics folder (e.g. a volume); only its old files go.
+    with state.prepare_shared(os.environ.get("PROMETHEUS_MULTIPROC_DIR")) as shared:
+        return await Supervisor(settings, workers, shared).run()
 
 
-def signal_ready() -> None:
-    """Called by a worker once it listens: tell the supervisor through the pipe."""
-    fd = os.environ.pop(READY_FD_ENV, None)
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(int(fd), b"1")
-            os.close(int(fd))
+def report_ready(fd: int) -> None:
+    """Called by a worker once it listens: one byte on the pipe its supervisor gave it."""
+    with contextlib.suppress(OSError):
+        os.write(fd, b"1")
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -196,7 +196,7 @@ def test_a_replayed_internal_signature_is_401_across_reloads() -> None:
     header = sdk_header()
     first = verifier_for(POLICY)
     identify(CIMultiDict({"Authorization": header}), None, POLICY, first, time.time())
-    reloaded = verifier_for(make_policy(), first)  # a SIGHUP must not forget what it saw
+    reloaded = verifier_for(make_policy(), first.replay)  # a SIGHUP must not forget what it saw
     with pytest.raises(Unauthorized) as err:
         identify(CIMultiDict({"Authorization": header}), None, POLICY, reloaded, time.time())
     assert "DuplicatedSignature" in (err.value.reason or "")

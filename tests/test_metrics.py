@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, OTHER_PRINCIPAL, Metrics
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def families(metrics: Metrics) -> dict[str, tuple[str, list[tuple[str, dict[str, str], float]]]]:
@@ -60,3 +67,50 @@ def test_unknown_methods_are_counted_as_other() -> None:
     metrics.request("unmatched", "BREW", 401, 0.001)
     (sample,) = families(metrics)["gateway_requests"][1]
     assert sample[1] == {"route": "unmatched", "method": "OTHER", "status": "401"}
+
+
+# --- several processes: the mode is chosen when Metrics is made, not at import -----------------
+
+COUNT_ONE = """
+import os, sys
+import gateway.metrics as m  # imported before anyone says which mode
+metrics = m.Metrics(multiprocess_dir=sys.argv[1] or None)
+metrics.request("records-bulk-restore", "POST", 200, 0.01)
+print(m.render(metrics).decode())
+"""
+
+
+def run_process(folder: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", COUNT_ONE, folder],
+        env={k: v for k, v in os.environ.items() if k != MULTIPROC_ENV} | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def requests_total(text: str) -> float:
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "gateway_requests"]
+    return sum(s.value for s in family.samples)
+
+
+def test_processes_given_one_folder_are_summed_whenever_the_module_was_imported(
+    tmp_path: Path,
+) -> None:
+    folder = str(tmp_path)
+    run_process(folder, {})
+    run_process(folder, {})  # another pid, its own files
+    # A third process, started with the variable already set (as a worker inherits it).
+    text = run_process(folder, {MULTIPROC_ENV: folder})
+    assert requests_total(text) == 3
+    assert 'gateway_build_info{version="' in text and "pid=" not in text
+    assert len([n for n in os.listdir(folder) if n.startswith("counter_")]) == 3
+
+
+def test_a_lone_process_keeps_its_values_even_if_the_variable_is_set(tmp_path: Path) -> None:
+    text = run_process("", {MULTIPROC_ENV: str(tmp_path)})
+    assert requests_total(text) == 1
+    assert os.listdir(tmp_path) == []  # nothing written for others to sum

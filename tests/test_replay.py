@@ -41,7 +41,7 @@ from gateway.errors import Unauthorized
 from gateway.identity import identify, verifier_for
 from gateway.policy import Policy
 from gateway.principals import Principal
-from gateway.replay import REPLAY_DB_ENV, SharedReplayCache
+from gateway.replay import SharedReplayCache
 from gateway.signing import (
     REPLAY_FULL,
     REPLAY_REUSED,
@@ -216,17 +216,15 @@ def policy() -> Policy:
     return Policy(roles=("VIEWER", "MEMBER", "OWNER"), principals=(sdk,), routes=())
 
 
-def test_two_workers_verifiers_share_one_memory_and_keep_it_across_reloads(
-    db_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(REPLAY_DB_ENV, db_path)
+def test_two_workers_verifiers_share_one_memory_and_keep_it_across_reloads(db_path: str) -> None:
     rules = policy()
-    worker_a, worker_b = verifier_for(rules), verifier_for(rules)
-    assert isinstance(worker_a.replay, SharedReplayCache)
+    # Each worker opens the one file its supervisor named (gateway/state.py).
+    worker_a = verifier_for(rules, SharedReplayCache(db_path))
+    worker_b = verifier_for(rules, SharedReplayCache(db_path))
     header = CIMultiDict({"Authorization": sdk_header()})
     identify(header, None, rules, worker_a, time.time())
     assert "hmac reused (DuplicatedSignature)" in refusal(header, rules, worker_b)
-    reloaded = verifier_for(rules, worker_b)  # SIGHUP in worker b
+    reloaded = verifier_for(rules, worker_b.replay)  # SIGHUP in worker b
     assert reloaded.replay is worker_b.replay
     assert "hmac reused (DuplicatedSignature)" in refusal(header, rules, reloaded)
 
@@ -235,13 +233,6 @@ def refusal(headers: CIMultiDict[str], rules: Policy, verifier: Verifier) -> str
     with pytest.raises(Unauthorized) as err:
         identify(headers, None, rules, verifier, time.time())
     return err.value.reason or ""
-
-
-def test_a_single_process_keeps_its_memory_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(REPLAY_DB_ENV, raising=False)
-    first = verifier_for(policy())
-    assert isinstance(first.replay, ReplayCache)
-    assert verifier_for(policy(), first).replay is first.replay
 
 
 def test_an_invalid_signature_is_never_recorded(db_path: str) -> None:

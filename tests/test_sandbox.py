@@ -18,13 +18,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from solapi.lib.authenticator import Authenticator  # type: ignore[import-untyped]
 
-from gateway import sandbox as sandbox_module
 from gateway.sandbox import (
     ACTIVE_COUNT,
     PURGED_COUNT,
     TRASHED_COUNT,
     build_app,
     demo_record_id,
+    requestlog,
     run_sandbox,
 )
 from gateway.signing import Secret, authorization
@@ -463,7 +463,7 @@ async def test_raw_target_is_logged_undecoded(client: Client, clock: FakeClock) 
 async def test_distinct_salts_are_counted_past_the_kept_entries(
     aiohttp_client: MakeClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sandbox_module, "LOG_CAPACITY", 2)
+    monkeypatch.setattr(requestlog, "LOG_CAPACITY", 2)
     client = await aiohttp_client(build_app({KEY: Secret(SECRET)}, clock=clock))
     headers = [seed_header(clock.datetime()) for _ in range(4)]
     statuses = [

@@ -1,13 +1,11 @@
-"""A small SOLAPI look-alike upstream, for the demo and the end-to-end tests.
+"""The sandbox's HTTP app: SOLAPI's signature checks in front of the records API.
 
-It verifies each API request's ``Authorization`` with the same ``Verifier`` the
-gateway uses for internal callers (every SDK dialect, 15-minute skew, no reuse),
-keeps records in memory with a 14-day trash, and remembers what it received so
-tests can check what the gateway really sent upstream. Errors look like SOLAPI's,
-``{"errorCode": ..., "errorMessage": ...}``: 401 ``Unauthorized`` (missing, repeated
-or garbled header; "권한이 없습니다."), 403 ``InvalidAPIKey``, ``SignatureDoesNotMatch``,
-``RequestTimeTooSkewed``, ``DuplicatedSignature``; then 400 ``ValidationError``,
-404 ``NotFound`` (unknown path or record), 405 ``MethodNotAllowed``.
+Every API request is logged, then its ``Authorization`` verified, before it
+is routed. Errors look like SOLAPI's, ``{"errorCode": ..., "errorMessage": ...}``:
+401 ``Unauthorized`` (missing, repeated or garbled header; "권한이 없습니다."),
+403 ``InvalidAPIKey``, ``SignatureDoesNotMatch``, ``RequestTimeTooSkewed``,
+``DuplicatedSignature``; then 400 ``ValidationError``, 404 ``NotFound``
+(unknown path or record), 405 ``MethodNotAllowed``.
 
 Endpoints; the response shapes are the sandbox's own, not SOLAPI's::
 
@@ -43,50 +41,38 @@ Introspection for tests, unsigned and not counted as API requests::
       still being answered), salt and api_key (null if the header did not parse).
     POST /_sandbox/reset     clears that log and its counters; the records stay.
 
-Seed records, relative to the clock at ``build_app``: ``demo_record_id("TRASH", n)``
-for n in 1..1500, deleted 1 hour (n=1) to 13 days (n=1500) ago; ``"PURGE"`` 1..20,
-deleted 15-34 days ago; ``"ALIVE"`` 1..20, never deleted.
+The records are seeded relative to the clock at ``build_app`` (see
+gateway/sandbox/records.py); the request log is gateway/sandbox/requestlog.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import hashlib
 import json
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from gateway import logs
-from gateway.signing import MALFORMED, Rejected, Secret, Verifier, parse
+from gateway.sandbox.records import RETENTION_S, RecordStore
+from gateway.sandbox.requestlog import RequestLog, received
+from gateway.signing import MALFORMED, Rejected, Secret, Verifier
 
-RETENTION_S: Final = 14 * 24 * 3600
-ID_PREFIX: Final = "CRMRC2026112800000000"  # "CRMRC" and 16 digits; 11 characters follow
-TRASHED_COUNT: Final = 1500
-PURGED_COUNT: Final = 20
-ACTIVE_COUNT: Final = 20
 MAX_BATCH: Final = 1000
 BALANCE: Final = {"balance": 50000, "point": 1000}
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
-LOG_CAPACITY: Final = 5000
 # Well above the gateway's own body limit, so that limit is the one tests see.
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 INTROSPECTION_PREFIX: Final = "/_sandbox/"
 
-RecordKind = Literal["TRASH", "PURGE", "ALIVE"]
-_KINDS: Final = ("TRASH", "PURGE", "ALIVE")
-_HOUR: Final = 3600.0
-_DAY: Final = 24 * _HOUR
 _UNAUTHORIZED_MESSAGE: Final = "권한이 없습니다."
 _REJECTION_MESSAGES: Final = {
     "InvalidAPIKey": "Invalid API key.",
@@ -97,155 +83,6 @@ _REJECTION_MESSAGES: Final = {
 _DIGITS = re.compile(r"[0-9]{1,9}")
 # ensure_ascii=False: the 401 message goes out as the Korean text SOLAPI sends.
 _dumps = functools.partial(json.dumps, ensure_ascii=False)
-
-
-def demo_record_id(kind: RecordKind, n: int) -> str:
-    """The id of seed record ``n`` of a kind, e.g. ``CRMRC2026112800000000TRASH000001``."""
-    if kind not in _KINDS or not 1 <= n <= 999_999:
-        raise ValueError(f"no demo record {kind!r} {n}")
-    return f"{ID_PREFIX}{kind}{n:06d}"
-
-
-@dataclass(slots=True)
-class Record:
-    record_id: str
-    deleted_at: float | None = None  # None: active; -inf: deleted permanently
-
-    def state(self, now: float) -> Literal["active", "trash", "purged"]:
-        if self.deleted_at is None:
-            return "active"
-        # Purging is judged lazily against the clock, so a test that moves its
-        # fake clock past the retention sees the record GC'd without any timer.
-        return "trash" if now - self.deleted_at <= RETENTION_S else "purged"
-
-
-class RecordStore:
-    """Records by id. Every operation takes ``now``; nothing here reads a clock."""
-
-    def __init__(self, records: Iterable[Record]) -> None:
-        self._records = {record.record_id: record for record in records}
-
-    @classmethod
-    def seeded(cls, start: float) -> RecordStore:
-        records: list[Record] = []
-        span = 13 * _DAY - _HOUR
-        for n in range(1, TRASHED_COUNT + 1):
-            # Spread evenly so that moving the clock ahead purges the oldest first.
-            age = _HOUR + span * (n - 1) / (TRASHED_COUNT - 1)
-            records.append(Record(demo_record_id("TRASH", n), start - age))
-        for n in range(1, PURGED_COUNT + 1):
-            records.append(Record(demo_record_id("PURGE", n), start - (14 + n) * _DAY))
-        for n in range(1, ACTIVE_COUNT + 1):
-            records.append(Record(demo_record_id("ALIVE", n)))
-        return cls(records)
-
-    def restore(self, record_id: str, now: float) -> str:
-        record = self._records.get(record_id)
-        if record is None:
-            return "notFound"
-        state = record.state(now)
-        if state == "active":
-            return "notDeleted"
-        if state == "purged":
-            return "purged"
-        record.deleted_at = None
-        return "restored"
-
-    def delete(self, record_id: str, now: float, *, permanent: bool) -> str:
-        record = self._records.get(record_id)
-        if record is None:
-            return "notFound"
-        state = record.state(now)
-        if state == "purged":
-            return "alreadyDeleted"
-        if permanent:
-            record.deleted_at = float("-inf")
-            return "purged"
-        if state == "trash":
-            return "alreadyDeleted"
-        record.deleted_at = now
-        return "deleted"
-
-    def trash(self, now: float) -> list[tuple[str, float]]:
-        """Restorable records as (id, deleted_at), most recently deleted first."""
-        found = [
-            (record.record_id, record.deleted_at)
-            for record in self._records.values()
-            if record.deleted_at is not None and record.state(now) == "trash"
-        ]
-        found.sort(key=lambda item: (-item[1], item[0]))
-        return found
-
-
-@dataclass(slots=True)
-class ReceivedRequest:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body_sha256: str
-    body_length: int
-    salt: str | None
-    api_key: str | None
-    verified: bool = False
-    status: int | None = None
-
-
-@dataclass(slots=True)
-class RequestLog:
-    count: int = 0
-    accepted: int = 0
-    entries: deque[ReceivedRequest] = field(default_factory=lambda: deque(maxlen=LOG_CAPACITY))
-    # Every salt since the start or reset (about 100 bytes each): a test tool's memory.
-    salts: set[str] = field(default_factory=set)
-
-    def add(self, entry: ReceivedRequest) -> None:
-        self.count += 1
-        self.entries.append(entry)
-        if entry.salt is not None:
-            self.salts.add(entry.salt)
-
-    def reset(self) -> None:
-        self.count = 0
-        self.accepted = 0
-        self.entries.clear()
-        self.salts.clear()
-
-    def as_json(self) -> dict[str, Any]:
-        entries = [dataclasses.asdict(entry) for entry in self.entries]
-        return {
-            "count": self.count,
-            "accepted": self.accepted,
-            "distinct_salts": len(self.salts),
-            "requests": entries,
-        }
-
-
-def _received(request: web.Request, body: bytes, authorizations: list[str]) -> ReceivedRequest:
-    api_key = salt = None
-    if len(authorizations) == 1:
-        try:
-            creds = parse(authorizations[0])
-        except Rejected:
-            pass
-        else:
-            api_key, salt = creds.api_key, creds.salt
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    # raw_path is the request target as sent, query included and nothing decoded.
-    path, _, query = request.raw_path.partition("?")
-    return ReceivedRequest(
-        method=request.method,
-        path=path,
-        query=query,
-        headers=headers,
-        body_sha256=hashlib.sha256(body).hexdigest(),
-        body_length=len(body),
-        salt=salt,
-        api_key=api_key,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +135,7 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:  # larger than client_max_size
         body, response = b"", _http_error(exc)
     authorizations = request.headers.getall(hdrs.AUTHORIZATION, [])
-    entry = _received(request, body, authorizations)
+    entry = received(request, body, authorizations)
     state.log.add(entry)
     if response is None:
         response = _refusal(state, authorizations)

@@ -1,0 +1,69 @@
+"""The admin port: ``/healthz``, ``/readyz`` and ``/metrics``, never on the proxy port.
+
+    GET /healthz   200 {"status": "ok"} while the process runs
+    GET /readyz    200 {"status": "ready"}, or 503 {"status": "draining"} while the
+                   process is not (or no longer) taking traffic
+    GET /metrics   Prometheus text (summed over the workers under a supervisor)
+
+The app knows the process only through one ``View``: whoever runs the admin port
+(a lone gateway, or the supervisor of ``serve --workers N``) says what it shows.
+A page that reports more about the process (a ``/status``) is one more field
+there and one more handler here. Admin requests are not counted in the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.config import Address
+from gateway.metrics import CONTENT_TYPE, Metrics, render
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the admin port reports about the process that runs it."""
+
+    metrics: Metrics
+    ready: Callable[[], bool]  # taking traffic: listening, and not draining
+
+
+_VIEW = web.AppKey("view", View)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if not request.app[_VIEW].ready():
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = render(request.app[_VIEW].metrics)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def app(view: View) -> web.Application:
+    admin = web.Application()
+    admin[_VIEW] = view
+    admin.router.add_get("/healthz", _healthz)
+    admin.router.add_get("/readyz", _readyz)
+    admin.router.add_get("/metrics", _metrics)
+    return admin
+
+
+async def start(address: Address, view: View) -> web.AppRunner:
+    """The admin listener on ``address``; OSError (nothing left open) if it cannot bind."""
+    runner = web.AppRunner(app(view), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address.host, address.port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
