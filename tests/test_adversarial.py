@@ -29,29 +29,34 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import resource
 import secrets
 import socket
-import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
-from conftest import launch_gateway, parse_response, poll
-
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, Reply, SandboxProc
+from support import (
+    Creds,
+    GatewayProc,
+    Reply,
+    SandboxProc,
+    ids_body,
+    launch_gateway,
+    parse_response,
+    poll,
+    random_id,
+    sample,
+)
 
 pytestmark = pytest.mark.e2e
 
 RESTORE = "/crm-core/v1/records/bulk/restore"
 TRASH = "/crm-core/v1/records/trash"
-ID_ALPHABET = string.ascii_letters + string.digits
 TRUSTED = "127.0.0.1"  # the test policy's trusted_headers.sources is 127.0.0.1/32
 UNTRUSTED = "127.0.0.2"  # loopback too, but not trusted
 # The hardened gateway: tight timers, and room for 100 000 levels of nesting.
@@ -65,16 +70,6 @@ HARDENED = {
 }
 IDLE_CONNECTIONS = 2000
 MIB = 1024 * 1024
-
-
-def random_id() -> str:
-    """A well-formed record ID the sandbox has never heard of (it answers notFound)."""
-    digits = "".join(secrets.choice(string.digits) for _ in range(16))
-    return "CRMRC" + digits + "".join(secrets.choice(ID_ALPHABET) for _ in range(11))
-
-
-def ids_body(ids: list[str]) -> bytes:
-    return json.dumps({"recordIds": ids}).encode()
 
 
 def fresh_token() -> str:
@@ -747,11 +742,7 @@ async def test_a_caller_that_never_reads_its_answer_does_not_hold_the_gateway(
 
 
 def in_flight(gw: GatewayProc) -> float:
-    _, text = gw.admin("/metrics")
-    for line in text.decode().splitlines():
-        if line.startswith("gateway_in_flight_requests "):
-            return float(line.split()[1])
-    raise AssertionError("no gateway_in_flight_requests in /metrics")
+    return sample(gw.metrics(), "gateway_in_flight_requests")
 
 
 def trash_lines(gw: GatewayProc) -> list[dict[str, Any]]:
@@ -805,11 +796,10 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 async def test_2000_idle_connections_are_closed_and_cost_little(
     many_files: None,
-    start_tuned_gateway: Callable[..., GatewayProc],
-    sandbox: SandboxProc,
+    start_gateway: Callable[..., GatewayProc],
     creds: Creds,
 ) -> None:
-    gw = start_tuned_gateway({"keepalive_timeout_s": KEEPALIVE_S})
+    gw = start_gateway(settings={"keepalive_timeout_s": KEEPALIVE_S})
     for _ in range(20):  # warm up, so the baseline holds what serving needs anyway
         await assert_still_serving(gw, creds)
     baseline = rss_bytes(gw.proc.pid)

@@ -17,19 +17,15 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
-from conftest import poll
+from support import REPO, Creds, GatewayProc, Reply, SandboxProc, SdkKey, poll
 
 from gateway import cli, signing
 from gateway.signing import Secret
 
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, Reply, SandboxProc, SdkKey
-
-REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "config" / "demo" / "gateway.yaml")
 ID = "CRMRC2026112800000000ABCDEF12345"
 RESTORE = "/crm-core/v1/records/bulk/restore"

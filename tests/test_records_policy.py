@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from support import Creds, GatewayProc, Reply, SandboxProc
 
 from gateway import walk
 from gateway.identity import verifier_for
@@ -23,9 +24,6 @@ from gateway.policy import Condition, Policy, same_json
 from gateway.policyfile import load_policy
 from gateway.sandbox import demo_record_id
 from gateway.yamlsource import Problems, Source
-
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, Reply, SandboxProc
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("VIEWER", "MEMBER", "OWNER")
