@@ -1,15 +1,16 @@
 """What bench/run.py and bench/soak.py share: ports, waiting, RSS, the machine's
-description, a gateway config of their own, and their section of a docs/ page."""
+description, a gateway config of their own (written by the tests' one writer), and
+their section of a docs/ page."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,14 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support.configs import (  # noqa: E402
+    RESTORE_ROUTE,
+    ROLES_LINE,
+    principal_yaml,
+    write_gateway_config,
+)
+
 RESTORE = "/crm-core/v1/records/bulk/restore"
 
 
@@ -65,44 +74,27 @@ def machine() -> str:
     )
 
 
-def write_gateway_config(
+def gateway_folder(
     folder: Path, port: int, admin: int, upstream_url: str, api_key: str, token: str
 ) -> Path:
     """A gateway.yaml + policy.yaml in ``folder`` with the restore route and one MEMBER
     token; the secret file holds a random secret. Returns the gateway.yaml path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "secret").write_text("bench-secret-" + os.urandom(12).hex() + "\n")
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    (folder / "policy.yaml").write_text(
-        f"""roles: [VIEWER, MEMBER, OWNER]
-principals:
-  - name: bench-svc
-    role: MEMBER
-    token_sha256: "{digest}"
-routes:
-  - name: records-bulk-restore
-    method: POST
-    path: {RESTORE}
-    min_role: MEMBER
-    batch:
-      field: recordIds
-      max_items: 1000
-      item_pattern: "^CRMRC[0-9]{{16}}[0-9A-Za-z]{{11}}$"
-      unique: true
-"""
+    return write_gateway_config(
+        folder,
+        port=port,
+        admin_port=admin,
+        upstream_url=upstream_url,
+        api_key=api_key,
+        secret_file="secret",
+        policy=ROLES_LINE
+        + "principals:\n"
+        + principal_yaml("bench-svc", "MEMBER", token=token)
+        + "routes:\n"
+        + RESTORE_ROUTE,
+        settings={"shutdown_grace_s": 2},
     )
-    (folder / "gateway.yaml").write_text(
-        f"""listen: "127.0.0.1:{port}"
-admin_listen: "127.0.0.1:{admin}"
-upstream:
-  url: "{upstream_url}"
-credentials:
-  api_key: "{api_key}"
-  api_secret_file: "secret"
-shutdown_grace_s: 2
-"""
-    )
-    return folder / "gateway.yaml"
 
 
 def write_section(doc: Path, name: str, title: str, report: str) -> None:

@@ -37,11 +37,11 @@ from common import (
     RESTORE,
     ROOT,
     free_port,
+    gateway_folder,
     machine,
     rss_kib,
     stop_all,
     wait_for,
-    write_gateway_config,
     write_section,
 )
 
@@ -157,7 +157,7 @@ http {{
 
     def gateway_config(self, port: int, admin: int) -> Path:
         upstream = f"http://127.0.0.1:{self.upstream_port}"
-        return write_gateway_config(
+        return gateway_folder(
             self.tmp / f"gw-{port}", port, admin, upstream, "NCSBENCH00000001", TOKEN
         )
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import GatewayProc, Proc, cli, free_port, http_request
+from support import GatewayProc, Proc, answers, cli, free_port, free_ports
 
 from gateway import config
 from gateway.cli import parser
@@ -434,7 +434,7 @@ def test_the_compose_pair_restores_a_record_when_run_as_laid_out(tmp_path: Path)
     gateway, sandbox = services["gateway"], services["sandbox"]
     root = lay_out(gateway, tmp_path / "gateway")
     sandbox_root = lay_out(sandbox, tmp_path / "sandbox")
-    sandbox_port, port, admin_port = free_port(), free_port(), free_port()
+    sandbox_port, port, admin_port = free_ports(3)
     # The same commands and files; only the addresses become free local ports.
     sandbox_args = [
         cli(), *sandbox["command"][1:], "--listen", f"127.0.0.1:{sandbox_port}",
@@ -457,10 +457,8 @@ def test_the_compose_pair_restores_a_record_when_run_as_laid_out(tmp_path: Path)
              tmp_path / "gateway.stderr"),
     ]  # fmt: skip
     try:
-        procs[0].wait_ready(
-            lambda: http_request("GET", sandbox_port, "/_sandbox/requests")[0] == 200
-        )
-        procs[1].wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
+        procs[0].wait_ready(answers(sandbox_port, "/_sandbox/requests"))
+        procs[1].wait_ready(answers(admin_port, "/readyz"))
         status, body = restore(port, DEMO_TOKENS["MEMBER"], "CRMRC2026112800000000TRASH001499")
         assert status == 200, body
         assert json.loads(body)["results"][0]["result"] == "restored"

@@ -9,17 +9,12 @@ valid (a MEMBER token and a good body), so the path is the only thing wrong.
 from __future__ import annotations
 
 import json
-import secrets
-import string
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from support import Creds, GatewayProc, Reply, SandboxProc, ids_body, random_id
 from yarl import URL
-
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, Reply, SandboxProc
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +50,12 @@ def request_bytes(target: str, headers: dict[str, str], body: bytes = BODY) -> b
 
 def member(creds: Creds) -> dict[str, str]:
     return {"Authorization": creds.bearer("MEMBER"), "Content-Type": "application/json"}
+
+
+def member_restore(creds: Creds) -> list[str]:
+    """curl's arguments for a MEMBER's otherwise valid restore; the target is the test's."""
+    headers = [arg for name, value in member(creds).items() for arg in ("-H", f"{name}: {value}")]
+    return ["-X", "POST", *headers, "--data-binary", BODY.decode()]
 
 
 def assert_invalid_path(reply: Reply) -> None:
@@ -107,8 +108,7 @@ async def test_the_query_is_forwarded_unchanged_even_when_odd(
 ) -> None:
     # The canonical-target rule is for the path: %, .., // and \ in a query pass as they are.
     query = "next=/a/../b//c&enc=%2F%25%5C&back=a\\b&dup=1&dup=2&plus=a+b&="
-    record = "CRMRC2026112800000000" + "".join(secrets.choice(string.digits) for _ in range(11))
-    body = json.dumps({"recordIds": [record]}).encode()
+    body = ids_body([random_id()])
     sandbox.reset()
 
     reply = await gateway.raw(request_bytes(f"{RESTORE}?{query}", member(creds), body))
@@ -149,11 +149,7 @@ async def test_curl_path_as_is(
     target: str,
 ) -> None:
     with sandbox.untouched():
-        reply = curl(
-            "--path-as-is", "-X", "POST", gateway.url + target,
-            "-H", f"Authorization: {creds.bearer('MEMBER')}",
-            "-H", "Content-Type: application/json", "--data-binary", BODY.decode(),
-        )  # fmt: skip
+        reply = curl(*member_restore(creds), "--path-as-is", gateway.url + target)
     assert_invalid_path(reply)
 
 
@@ -170,9 +166,5 @@ async def test_curl_request_target(
     target: str,
 ) -> None:
     with sandbox.untouched():
-        reply = curl(
-            "--request-target", target, "-X", "POST", gateway.url,
-            "-H", f"Authorization: {creds.bearer('MEMBER')}",
-            "-H", "Content-Type: application/json", "--data-binary", BODY.decode(),
-        )  # fmt: skip
+        reply = curl(*member_restore(creds), "--request-target", target, gateway.url)
     assert_invalid_path(reply)

@@ -20,18 +20,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
-from conftest import TRUSTED_PRINCIPAL, TRUSTED_ROLE, poll
+from support import (
+    REPO,
+    TRUSTED_PRINCIPAL,
+    TRUSTED_ROLE,
+    Creds,
+    GatewayProc,
+    SandboxProc,
+    SdkKey,
+    poll,
+)
 
 from gateway import cli, signing
 from gateway.signing import Secret
 
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, SandboxProc, SdkKey
-
-REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "config" / "demo" / "gateway.yaml")
 ID = "CRMRC2026112800000000ABCDEF12345"
 RESTORE = "/crm-core/v1/records/bulk/restore"

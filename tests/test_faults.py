@@ -9,16 +9,33 @@ behaviour from a script; once the script is used up, it answers 200.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Creds, GatewayProc, Reply, poll
+from support import (
+    Behaviour,
+    Creds,
+    FakeUpstream,
+    GatewayProc,
+    Labels,
+    Received,
+    Reply,
+    answer,
+    family,
+    free_port,
+    hang,
+    ids_body,
+    labelled,
+    ok,
+    poll,
+    replying,
+    reset,
+    token_principals,
+)
 
 from gateway import signing
 from gateway.sandbox import demo_record_id
@@ -27,14 +44,11 @@ pytestmark = pytest.mark.e2e
 
 RESTORE = "/crm-core/v1/records/bulk/restore"
 PLAIN = "/crm-core/v1/records/trash"
-OK_BODY = b'{"ok":true}'
 
 POLICY = """\
 roles: [VIEWER, MEMBER, OWNER]
 principals:
-  - name: test-member
-    role: MEMBER
-    token_sha256: "{digest}"
+{principals}\
 routes:
   - name: records-bulk-restore
     method: POST
@@ -50,110 +64,68 @@ routes:
     path: /crm-core/v1/records/trash
     min_role: MEMBER
 """
+TIMEOUT_S = 1.0  # the upstream timeout of the faults that wait for it
+# Where nothing should wait for the timeout, one so long that waiting for it shows.
+PATIENT_TIMEOUT_S = 20.0
 
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
-
-
-def answer(status: int, body: bytes = OK_BODY, extra: str = "") -> bytes:
-    return (
-        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n{extra}\r\n"
-    ).encode() + body
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST, not a FIN: what a crashed or killed peer looks like."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-@dataclass
-class FakeUpstream:
-    script: list[Behaviour] = field(default_factory=list)
-    authorizations: list[str] = field(default_factory=list)
-    server: asyncio.Server | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                headers = dict(
-                    line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
-                )
-                self.authorizations.append(headers.get("Authorization", ""))
-                await reader.readexactly(int(headers.get("Content-Length", "0")))
-                behaviour = self.script.pop(0) if self.script else ok
-                if not await behaviour(reader, writer):
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        finally:
-            writer.close()
-
-
-def replying(status: int, body: bytes = OK_BODY, extra: str = "") -> Behaviour:
-    """A behaviour that answers with ``status`` and keeps the connection."""
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(status, body, extra))
-        await writer.drain()
-        return True
-
-    return reply
-
-
-ok = replying(200)
 THROTTLED = replying(429, b'{"errorCode":"TooManyRequests"}', "Retry-After: 0\r\n")
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    fake = FakeUpstream()
-    await fake.start()
-    yield fake
-    assert fake.server is not None
-    fake.server.close()
+@dataclass
+class Faulty:
+    """A gateway with the routes above in front of the fake upstream, and its caller."""
+
+    gateway: GatewayProc
+    upstream: FakeUpstream
+    creds: Creds
+    session: aiohttp.ClientSession
+
+    async def restore(self) -> Reply:
+        body = ids_body([demo_record_id("TRASH", 1)])
+        headers = {
+            "Authorization": self.creds.bearer("MEMBER"),
+            "Content-Type": "application/json",
+        }
+        return await self.gateway.send(self.session, "POST", RESTORE, headers=headers, data=body)
+
+    async def trash(self) -> Reply:
+        headers = {"Authorization": self.creds.bearer("MEMBER")}
+        return await self.gateway.send(self.session, "GET", PLAIN, headers=headers)
+
+    async def logged(self, requests: int) -> list[dict[str, Any]]:
+        """The access lines once there are ``requests`` of them: a relayed answer reaches
+        the caller just before its line (and its metrics) are written."""
+        await poll(lambda: len(self.gateway.access_lines()) >= requests)
+        return self.gateway.access_lines()
+
+    def metric(self, name: str) -> dict[Labels, float]:
+        return family(self.gateway.metrics(), name)
 
 
 @pytest.fixture
-def gateway_for(
-    start_policy_gateway: Callable[..., GatewayProc], creds: Creds
-) -> Callable[..., GatewayProc]:
-    import hashlib
+def behind(
+    fake_upstream: FakeUpstream,
+    start_gateway: Callable[..., GatewayProc],
+    creds: Creds,
+    http_session: aiohttp.ClientSession,
+) -> Callable[..., Faulty]:
+    """``behind(*script, timeout_s=1.5, upstream_url=None)``: the fake upstream follows
+    ``script``, a new gateway stands in front of it (or of ``upstream_url``)."""
+    policy = POLICY.format(principals=token_principals(creds.tokens))
 
-    digest = hashlib.sha256(creds.tokens["MEMBER"].encode()).hexdigest()
-
-    def start(upstream_url: str, timeout_s: float = 1.5) -> GatewayProc:
-        return start_policy_gateway(
-            POLICY.format(digest=digest), upstream_url=upstream_url, timeout_s=timeout_s,
+    def start(
+        *script: Behaviour, timeout_s: float = 1.5, upstream_url: str | None = None
+    ) -> Faulty:
+        fake_upstream.script = list(script)
+        gateway = start_gateway(
+            upstream_url or fake_upstream.url,
+            policy=policy,
+            timeout_s=timeout_s,
             connect_timeout_s=0.5,
-        )  # fmt: skip
+        )
+        return Faulty(gateway, fake_upstream, creds, http_session)
 
     return start
-
-
-async def restore(gw: GatewayProc, creds: Creds, session: aiohttp.ClientSession) -> Reply:
-    body = b'{"recordIds": ["%s"]}' % demo_record_id("TRASH", 1).encode()
-    headers = {
-        "Authorization": f"Bearer {creds.tokens['MEMBER']}",
-        "Content-Type": "application/json",
-    }
-    return await gw.send(session, "POST", RESTORE, headers=headers, data=body)
-
-
-async def trash(gw: GatewayProc, creds: Creds, session: aiohttp.ClientSession) -> Reply:
-    headers = {"Authorization": f"Bearer {creds.tokens['MEMBER']}"}
-    return await gw.send(session, "GET", PLAIN, headers=headers)
 
 
 async def timed(coro: Awaitable[Reply]) -> tuple[Reply, float]:
@@ -168,244 +140,166 @@ def assert_error(reply: Reply, status: int, code: str) -> None:
     assert reply.json()["errorCode"] == code
 
 
-async def logged(gw: GatewayProc, requests: int) -> list[dict[str, Any]]:
-    """The access lines once there are ``requests`` of them: a relayed answer reaches
-    the caller just before its line (and its metrics) are written."""
-    await poll(lambda: len(gw.access_lines()) >= requests)
-    return gw.access_lines()
-
-
-def metric(gw: GatewayProc, prefix: str) -> dict[str, float]:
-    _, text = gw.admin("/metrics")
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.decode().splitlines()
-        if line.startswith(prefix)
-    }
-
-
 # --- the faults ----------------------------------------------------------------------
 
 
-async def test_connection_refused_is_502_then_recovers(
-    gateway_for: Callable[..., GatewayProc], creds: Creds, http_session: aiohttp.ClientSession
-) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    gw = gateway_for(f"http://127.0.0.1:{port}")
-    reply, took = await timed(restore(gw, creds, http_session))
+async def test_connection_refused_is_502_then_recovers(behind: Callable[..., Faulty]) -> None:
+    port = free_port()
+    fault = behind(upstream_url=f"http://127.0.0.1:{port}", timeout_s=PATIENT_TIMEOUT_S)
+    reply, took = await timed(fault.restore())
     assert_error(reply, 502, "UpstreamUnavailable")
-    assert took < 1.5
-    fake = FakeUpstream()
-    await fake.start(port)  # upstream comes back on the same address
-    try:
-        assert (await restore(gw, creds, http_session)).status == 200
-    finally:
-        assert fake.server is not None
-        fake.server.close()
+    assert took < PATIENT_TIMEOUT_S / 2  # refused at once: no time budget waited out
+    async with FakeUpstream() as back:
+        await back.stop()
+        await back.start(port)  # upstream comes back on the same address
+        assert (await fault.restore()).status == 200
 
 
 async def test_no_answer_is_504_within_timeout_then_recovers(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        await asyncio.sleep(30)
-        return False
-
-    upstream.script = [silent]
-    gw = gateway_for(upstream.url, timeout_s=1.0)
-    reply, took = await timed(restore(gw, creds, http_session))
+    fault = behind(hang, timeout_s=TIMEOUT_S)  # the first request is never answered
+    reply, took = await timed(fault.restore())
     assert_error(reply, 504, "UpstreamTimeout")
-    assert 0.9 < took < 2.0
-    assert len(upstream.authorizations) == 1  # a request that reached upstream is not repeated
-    assert (await restore(gw, creds, http_session)).status == 200
-    await logged(gw, 2)
-    assert metric(gw, "gateway_upstream_errors_total") == {
-        'gateway_upstream_errors_total{kind="timeout",route="records-bulk-restore"}': 1.0
+    # At timeout_s: not before, and not at some other, far later, limit.
+    assert TIMEOUT_S * 0.9 < took < TIMEOUT_S * 10
+    assert len(fault.upstream.received) == 1  # a request that reached upstream is not repeated
+    assert (await fault.restore()).status == 200
+    await fault.logged(2)
+    assert fault.metric("gateway_upstream_errors_total") == {
+        labelled(kind="timeout", route="records-bulk-restore"): 1.0
     }
 
 
 async def test_reset_before_the_headers_is_502_and_not_retried(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        reset(writer)
-        return False
-
-    upstream.script = [rst]
-    gw = gateway_for(upstream.url)
-    reply = await restore(gw, creds, http_session)
-    assert_error(reply, 502, "UpstreamUnavailable")
-    assert len(upstream.authorizations) == 1  # upstream may have acted: never sent twice
-    assert (await restore(gw, creds, http_session)).status == 200
-    access = await logged(gw, 2)
+    fault = behind(reset)
+    assert_error(await fault.restore(), 502, "UpstreamUnavailable")
+    assert len(fault.upstream.received) == 1  # upstream may have acted: never sent twice
+    assert (await fault.restore()).status == 200
+    access = await fault.logged(2)
     assert access[0]["attempts"] == 1 and access[0]["status"] == 502
 
 
 async def test_reset_half_way_through_the_body_cuts_the_callers_connection(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def half(received: Received, writer: asyncio.StreamWriter) -> bool:
         writer.write(answer(200, b"x" * 1000)[:-900])  # headers promise 1000 bytes, 100 follow
         await writer.drain()
         await asyncio.sleep(0.1)
-        reset(writer)
-        return False
+        return await reset(received, writer)
 
-    upstream.script = [half]
-    gw = gateway_for(upstream.url)
-    headers = {"Authorization": f"Bearer {creds.tokens['MEMBER']}"}
-    async with http_session.get(gw.url + PLAIN, headers=headers) as response:
+    fault = behind(half)
+    headers = {"Authorization": fault.creds.bearer("MEMBER")}
+    async with fault.session.get(fault.gateway.url + PLAIN, headers=headers) as response:
         assert response.status == 200  # the status line was already passed on
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()  # ...so the caller sees a truncated body, not a whole one
-    assert (await trash(gw, creds, http_session)).status == 200
-    cut = (await logged(gw, 2))[0]
+    assert (await fault.trash()).status == 200
+    cut = (await fault.logged(2))[0]
     assert "mid-body" in cut["reason"]
 
 
-async def test_an_upstream_5xx_is_passed_back_as_it_is(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
-) -> None:
-    upstream.script = [replying(500, b'{"errorCode":"InternalError"}')]
-    gw = gateway_for(upstream.url)
-    reply = await trash(gw, creds, http_session)
+async def test_an_upstream_5xx_is_passed_back_as_it_is(behind: Callable[..., Faulty]) -> None:
+    fault = behind(replying(500, b'{"errorCode":"InternalError"}'))
+    reply = await fault.trash()
     assert reply.status == 500 and "X-Gateway-Error" not in reply.headers
     assert reply.json() == {"errorCode": "InternalError"}
-    assert len(upstream.authorizations) == 1
-    assert (await trash(gw, creds, http_session)).status == 200
-    await logged(gw, 2)
-    assert metric(gw, "gateway_upstream_errors_total") == {}  # an answer, not a failure
+    assert len(fault.upstream.received) == 1
+    assert (await fault.trash()).status == 200
+    await fault.logged(2)
+    assert fault.metric("gateway_upstream_errors_total") == {}  # an answer, not a failure
 
 
 async def test_a_429_is_retried_with_a_new_signature_on_routes_that_opt_in(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    upstream.script = [THROTTLED]
-    gw = gateway_for(upstream.url)
-    reply = await restore(gw, creds, http_session)
-    assert reply.status == 200
-    assert len(upstream.authorizations) == 2
-    salts = {signing.parse(a).salt for a in upstream.authorizations}
+    fault = behind(THROTTLED)
+    assert (await fault.restore()).status == 200
+    assert len(fault.upstream.received) == 2
+    salts = {signing.parse(a).salt for a in fault.upstream.authorizations}
     assert len(salts) == 2  # every attempt is signed afresh
-    assert (await logged(gw, 1))[0]["attempts"] == 2
-    assert metric(gw, "gateway_upstream_retries_total") == {
-        'gateway_upstream_retries_total{reason="throttle",route="records-bulk-restore"}': 1.0
+    assert (await fault.logged(1))[0]["attempts"] == 2
+    assert fault.metric("gateway_upstream_retries_total") == {
+        labelled(reason="throttle", route="records-bulk-restore"): 1.0
     }
 
 
 async def test_a_429_passes_through_where_the_route_did_not_opt_in(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    upstream.script = [THROTTLED]
-    gw = gateway_for(upstream.url)
-    reply = await trash(gw, creds, http_session)
+    fault = behind(THROTTLED)
+    reply = await fault.trash()
     assert reply.status == 429 and reply.headers["Retry-After"] == "0"
-    assert len(upstream.authorizations) == 1
+    assert len(fault.upstream.received) == 1
 
 
 async def test_a_429_whose_retry_after_does_not_fit_is_passed_back_at_once(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    upstream.script = [replying(429, b"{}", "Retry-After: 60\r\n")]
-    gw = gateway_for(upstream.url)
-    reply, took = await timed(restore(gw, creds, http_session))
-    assert reply.status == 429 and took < 1.0
-    assert len(upstream.authorizations) == 1
+    retry_after = f"Retry-After: {3 * PATIENT_TIMEOUT_S:.0f}\r\n"
+    fault = behind(replying(429, b"{}", retry_after), timeout_s=PATIENT_TIMEOUT_S)
+    reply, took = await timed(fault.restore())
+    # Neither the pause nor the rest of the time budget was waited out.
+    assert reply.status == 429 and took < PATIENT_TIMEOUT_S / 2
+    assert len(fault.upstream.received) == 1
 
 
-@pytest.mark.parametrize(("pieces", "status"), [(5, 200), (40, None)])
+@pytest.mark.parametrize(
+    ("pieces", "timeout_s", "status"),
+    [(5, PATIENT_TIMEOUT_S, 200), (400, TIMEOUT_S, None)],
+    ids=["relayed", "cut"],
+)
 async def test_a_trickling_body_is_relayed_or_cut_at_the_timeout(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
-    pieces: int,
-    status: int | None,
+    behind: Callable[..., Faulty], pieces: int, timeout_s: float, status: int | None
 ) -> None:
     body = b"y" * pieces * 10
+    pause_s = 0.05
+    trickle_s = pieces * pause_s  # 0.25 s: well inside its timeout; 20 s: far beyond its own
 
-    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def trickle(received: Received, writer: asyncio.StreamWriter) -> bool:
         whole = answer(200, body)
-        head = whole[: len(whole) - len(body)]
-        writer.write(head)
+        writer.write(whole[: len(whole) - len(body)])
         for i in range(pieces):
             writer.write(body[i * 10 : (i + 1) * 10])
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause_s)
         return True
 
-    upstream.script = [trickle]
-    gw = gateway_for(upstream.url, timeout_s=1.0)  # 5 pieces take 0.25 s; 40 take 2 s
-    headers = {"Authorization": f"Bearer {creds.tokens['MEMBER']}"}
+    fault = behind(trickle, timeout_s=timeout_s)
+    headers = {"Authorization": fault.creds.bearer("MEMBER")}
     started = time.monotonic()
-    async with http_session.get(gw.url + PLAIN, headers=headers) as response:
+    async with fault.session.get(fault.gateway.url + PLAIN, headers=headers) as response:
         assert response.status == 200
         if status == 200:
             assert await response.read() == body
         else:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
-            assert time.monotonic() - started < 1.8  # cut at timeout_s, not when upstream ends
-    assert (await trash(gw, creds, http_session)).status == 200
+            # Cut at timeout_s, not when upstream ends.
+            assert time.monotonic() - started < (timeout_s + trickle_s) / 2
+    assert (await fault.trash()).status == 200
 
 
 async def test_a_pooled_connection_closed_as_the_next_post_is_sent(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
+    behind: Callable[..., Faulty],
 ) -> None:
-    async def close_when_reused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def close_when_reused(received: Received, writer: asyncio.StreamWriter) -> bool:
         return False  # the request arrived on a kept-alive connection: hang up, answer nothing
 
-    upstream.script = [ok, close_when_reused]
-    gw = gateway_for(upstream.url)
-    assert (await restore(gw, creds, http_session)).status == 200
-    reply = await restore(gw, creds, http_session)
+    fault = behind(ok, close_when_reused)
+    assert (await fault.restore()).status == 200
     # A POST that may have reached upstream is never sent again: an honest 502.
-    assert_error(reply, 502, "UpstreamUnavailable")
-    assert len(upstream.authorizations) == 2
-    assert (await restore(gw, creds, http_session)).status == 200  # a new connection
+    assert_error(await fault.restore(), 502, "UpstreamUnavailable")
+    assert len(fault.upstream.received) == 2
+    assert (await fault.restore()).status == 200  # a new connection
 
 
-async def test_the_gateway_survives_all_of_it(
-    upstream: FakeUpstream,
-    gateway_for: Callable[..., GatewayProc],
-    creds: Creds,
-    http_session: aiohttp.ClientSession,
-) -> None:
-    async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        reset(writer)
-        return False
-
-    upstream.script = [rst] * 20
-    gw = gateway_for(upstream.url)
-    replies: list[Any] = await asyncio.gather(
-        *(restore(gw, creds, http_session) for _ in range(20))
-    )
+async def test_the_gateway_survives_all_of_it(behind: Callable[..., Faulty]) -> None:
+    fault = behind(*[reset] * 20)
+    replies: list[Reply] = await asyncio.gather(*(fault.restore() for _ in range(20)))
     assert sorted(r.status for r in replies) == [502] * 20
-    assert (await restore(gw, creds, http_session)).status == 200
-    assert gw.admin("/readyz")[0] == 200
+    assert (await fault.restore()).status == 200
+    assert fault.gateway.admin("/readyz")[0] == 200

@@ -18,32 +18,41 @@ import re
 import secrets
 import signal
 import socket
-import string
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import RawTestServer
-from conftest import (
+from prometheus_client import generate_latest
+from support import (
+    Behaviour,
     Creds,
+    FakeUpstream,
     GatewayProc,
-    Proc,
+    Received,
     Reply,
     SandboxProc,
-    cli,
+    family,
     free_port,
-    http_request,
+    free_ports,
+    gateway_policy,
+    hang,
+    ids_body,
+    json_lines,
+    labelled,
     poll,
+    random_id,
+    replying,
+    reset,
+    sample,
+    samples_of,
     write_gateway_config,
 )
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__, config
 from gateway.metrics import BATCH_BUCKETS, Metrics
@@ -55,7 +64,6 @@ RESTORE_ROUTE = "records-bulk-restore"
 TRASH = "/crm-core/v1/records/trash"
 TRASH_ROUTE = "records-trash"
 JSON_TYPE = "application/json"
-ID_ALPHABET = string.ascii_letters + string.digits
 # The access-log fields the README promises on a request that went upstream.
 ACCESS_FIELDS = {
     "time", "event", "request_id", "method", "path", "peer", "route", "principal", "role",
@@ -73,60 +81,12 @@ CONTRACT_METRICS = {
     "gateway_build_info": "gauge",
 }
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 # --- helpers ------------------------------------------------------------------------------
 
 
-def random_id() -> str:
-    """A well-formed record ID the sandbox has never heard of (it answers notFound)."""
-    digits = "".join(secrets.choice(string.digits) for _ in range(16))
-    return "CRMRC" + digits + "".join(secrets.choice(ID_ALPHABET) for _ in range(11))
-
-
-def ids_body(ids: list[Any]) -> bytes:
-    return json.dumps({"recordIds": ids}).encode()
-
-
 def bearer(creds: Creds, role: str, **extra: str) -> dict[str, str]:
     return {"Content-Type": JSON_TYPE, "Authorization": creds.bearer(role), **extra}
-
-
-def events(gateway: GatewayProc) -> list[dict[str, Any]]:
-    """The gateway's complete stderr lines so far, each parsed as JSON."""
-    text = gateway.proc.stderr_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
-def count_events(gateway: GatewayProc, name: str) -> int:
-    return sum(1 for e in events(gateway) if e["event"] == name)
-
-
-def scrape(gateway: GatewayProc) -> Samples:
-    status, text = gateway.admin("/metrics")
-    assert status == 200, text
-    return samples_of(text)
-
-
-def samples_of(text: bytes) -> Samples:
-    samples = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            samples[sample.name, frozenset(sample.labels.items())] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def family(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {labels: v for (n, labels), v in samples.items() if n == name}
-
-
-def labelled(**labels: str) -> frozenset[tuple[str, str]]:
-    return frozenset(labels.items())
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -152,58 +112,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def launch(
-    workdir: Path,
-    creds: Creds,
-    upstream_url: str,
-    *,
-    extra_config: str = "",
-    workers: int | None = None,
-    env: dict[str, str] | None = None,
-    **options: Any,
-) -> GatewayProc:
-    """``solapi-gateway serve`` with the test config plus ``extra_config`` lines."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
-    while admin_port == port:
-        admin_port = free_port()
-    path = write_gateway_config(
-        workdir, creds, upstream_url, port=port, admin_port=admin_port, **options
-    )
-    if extra_config:
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(extra_config)
-    args = [cli(), "serve", "--config", str(path)]
-    if workers is not None:
-        args += ["--workers", str(workers)]
-    if env:  # Proc drops PROMETHEUS_MULTIPROC_DIR from its own environment
-        args = ["env", *(f"{k}={v}" for k, v in env.items()), *args]
-    proc = Proc(f"gateway :{port}", args, workdir / "gateway.stderr")
-    gateway = GatewayProc(proc, port, admin_port, path)
-    proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
-    return gateway
-
-
-def launch_sandbox_at(workdir: Path, port: int, api_key: str, secret_file: Path) -> SandboxProc:
-    args = [
-        cli(), "sandbox", "--listen", f"127.0.0.1:{port}",
-        "--api-key", api_key, "--api-secret-file", str(secret_file),
-    ]  # fmt: skip
-    proc = Proc(f"sandbox :{port}", args, workdir / f"sandbox-{port}-{time.monotonic_ns()}.stderr")
-    sandbox = SandboxProc(proc, port)
-    proc.wait_ready(lambda: http_request("GET", port, "/_sandbox/requests")[0] == 200)
-    return sandbox
-
-
-@pytest.fixture
-def started() -> Iterator[list[GatewayProc | SandboxProc]]:
-    """Processes a test starts itself; each is killed at teardown."""
-    procs: list[GatewayProc | SandboxProc] = []
-    yield procs
-    for p in procs:
-        p.proc.kill()
-
-
 async def send(
     session: aiohttp.ClientSession,
     gateway: GatewayProc,
@@ -218,75 +126,25 @@ async def send(
 # --- an upstream that fails on request ------------------------------------------------------
 
 
-class FlakyUpstream:
-    """A bare HTTP/1.1 upstream answering by the query's ``mode``: ok (200), 500,
-    reset (RST before any answer), garbage (not HTTP), slow (never answers).
-
-    Every answer closes the connection, so each attempt is on a fresh one.
-    It keeps the Authorization headers it received, to look for them in logs.
-    """
-
-    def __init__(self) -> None:
-        self.authorizations: list[str] = []
-        self._server: asyncio.Server | None = None
-        self._closing = asyncio.Event()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Close the listener: from now on a connection attempt is refused."""
-        self._closing.set()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            lines = head.split("\r\n")
-            target = lines[0].split(" ")[1]
-            headers = {
-                name.strip().lower(): value.strip()
-                for name, _, value in (line.partition(":") for line in lines[1:] if line)
-            }
-            await reader.readexactly(int(headers.get("content-length", "0")))
-            self.authorizations.append(headers.get("authorization", ""))
-            mode = parse_qs(urlsplit(target).query).get("mode", ["ok"])[0]
-            if mode == "reset":
-                writer.transport.abort()
-                return
-            if mode == "garbage":
-                writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-            elif mode == "slow":
-                await self._closing.wait()
-            else:
-                status = 500 if mode == "500" else 200
-                body = b'{"ok": true}'
-                writer.write(
-                    f"HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-            await writer.drain()
-            writer.close()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.transport.abort()
+async def garbage(received: Received, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    await writer.drain()
+    return False
 
 
-@pytest.fixture
-async def flaky() -> AsyncIterator[FlakyUpstream]:
-    upstream = FlakyUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
+# Every answer closes the connection, so that each attempt is on a fresh one.
+MODES: dict[str, Behaviour] = {
+    "ok": replying(200, close=True),
+    "500": replying(500, close=True),
+    "reset": reset,  # RST before any answer
+    "garbage": garbage,  # not HTTP
+    "slow": hang,  # never answers
+}
+
+
+async def by_mode(received: Received, writer: asyncio.StreamWriter) -> bool:
+    """Answer as the query's ``mode`` says (ok if it says nothing)."""
+    return await MODES[received.query.get("mode", "ok")](received, writer)
 
 
 # --- metrics: exactly the traffic sent --------------------------------------------------------
@@ -365,14 +223,13 @@ def known_mix(creds: Creds) -> list[Case]:
 
 @pytest.mark.e2e
 async def test_metrics_count_exactly_the_traffic_sent(
-    tmp_path: Path,
+    start_gateway: Callable[..., GatewayProc],
     creds: Creds,
-    flaky: FlakyUpstream,
-    started: list[GatewayProc | SandboxProc],
+    fake_upstream: FakeUpstream,
     http_session: aiohttp.ClientSession,
 ) -> None:
-    gw = launch(tmp_path / "gw", creds, flaky.url, timeout_s=1, connect_timeout_s=0.5)
-    started.append(gw)
+    fake_upstream.otherwise = by_mode
+    gw = start_gateway(fake_upstream.url, timeout_s=1, connect_timeout_s=0.5)
     cases = known_mix(creds)
     rids: dict[str, Case] = {}
     for n, case in enumerate(cases):
@@ -392,7 +249,7 @@ async def test_metrics_count_exactly_the_traffic_sent(
     )
     assert invalid_path.status == 400
     rids["mix-path"] = Case("GET", "/crm-core/..", {}, b"", 400, "InvalidPath")
-    await flaky.stop()  # from here on upstream refuses connections
+    await fake_upstream.stop()  # from here on upstream refuses connections
     dead = await send(
         http_session, gw, "GET", TRASH, {**bearer(creds, "VIEWER"), "X-Request-ID": "mix-dead"}
     )
@@ -402,8 +259,8 @@ async def test_metrics_count_exactly_the_traffic_sent(
         "test-viewer",
     )  # fmt: skip
 
-    samples = scrape(gw)
-    again = scrape(gw)  # scrapes are admin requests: not counted
+    samples = gw.metrics()
+    again = gw.metrics()  # scrapes are admin requests: not counted
     assert family(again, "gateway_requests_total") == family(samples, "gateway_requests_total")
 
     # Every metric of the contract, with its type; nothing labelled by pid.
@@ -413,7 +270,7 @@ async def test_metrics_count_exactly_the_traffic_sent(
         assert types.get(name) == kind, name
     assert not any("pid" in dict(labels) for _, labels in samples)
 
-    access = {e["request_id"]: e for e in events(gw) if e["event"] == "access"}
+    access = {e["request_id"]: e for e in gw.access_lines()}
     expected_requests: Counter[tuple[str, str, str]] = Counter()
     expected_rejections: Counter[tuple[str, str]] = Counter()
     expected_errors: Counter[tuple[str, str]] = Counter()
@@ -454,25 +311,25 @@ async def test_metrics_count_exactly_the_traffic_sent(
     }
     assert {k for _, k in expected_errors} == {"connect", "reset", "protocol", "timeout"}
     for route, n in per_route.items():
-        assert value(samples, "gateway_request_duration_seconds_count", route=route) == n
+        assert sample(samples, "gateway_request_duration_seconds_count", route=route) == n
         assert (
-            value(samples, "gateway_request_duration_seconds_bucket", route=route, le="+Inf") == n
+            sample(samples, "gateway_request_duration_seconds_bucket", route=route, le="+Inf") == n
         )
     for route, n in upstream_per_route.items():
-        assert value(samples, "gateway_upstream_duration_seconds_count", route=route) == n
+        assert sample(samples, "gateway_upstream_duration_seconds_count", route=route) == n
     assert set(family(samples, "gateway_upstream_duration_seconds_count")) == {
         labelled(route=r) for r in upstream_per_route
     }
-    assert value(samples, "gateway_batch_items_count", route=RESTORE_ROUTE) == len(batches)
-    assert value(samples, "gateway_batch_items_sum", route=RESTORE_ROUTE) == sum(batches)
+    assert sample(samples, "gateway_batch_items_count", route=RESTORE_ROUTE) == len(batches)
+    assert sample(samples, "gateway_batch_items_sum", route=RESTORE_ROUTE) == sum(batches)
     for bound in BATCH_BUCKETS:
-        observed = value(
+        observed = sample(
             samples, "gateway_batch_items_bucket", route=RESTORE_ROUTE, le=f"{bound}.0"
         )
         assert observed == sum(1 for b in batches if b <= bound), bound
-    assert value(samples, "gateway_in_flight_requests") == 0
-    assert value(samples, "gateway_config_reloads_total", result="success") == 0
-    assert value(samples, "gateway_config_reloads_total", result="failure") == 0
+    assert sample(samples, "gateway_in_flight_requests") == 0
+    assert sample(samples, "gateway_config_reloads_total", result="success") == 0
+    assert sample(samples, "gateway_config_reloads_total", result="failure") == 0
     build = family(samples, "gateway_build_info")
     assert len(build) == 1 and next(iter(build.values())) == 1
     assert family(samples, "gateway_principal_requests_total") == {
@@ -490,7 +347,7 @@ async def test_metrics_count_exactly_the_traffic_sent(
 
     # The access log: one JSON line per request, with the fields, and nothing secret.
     assert gw.proc.stop(signal.SIGTERM) == 0
-    lines = events(gw)  # every line is JSON, or this fails
+    lines = gw.events()  # every line is JSON, or this fails
     access_lines = [e for e in lines if e["event"] == "access"]
     assert Counter(e["request_id"] for e in access_lines) == Counter(rids.keys())
     for line in access_lines:
@@ -513,7 +370,7 @@ async def test_metrics_count_exactly_the_traffic_sent(
         c.headers["Authorization"].split()[-1] for c in cases if "Authorization" in c.headers
     ]
     # What the gateway sent upstream: the signature and salt of every attempt.
-    for header in flaky.authorizations:
+    for header in fake_upstream.authorizations:
         secret_values += re.findall(r"(?:signature|salt)=([0-9A-Za-z-]+)", header)
     assert len(secret_values) > 20
     for secret_value in secret_values:
@@ -537,7 +394,7 @@ async def test_labels_stay_bounded_whatever_the_requests(
         await send(http_session, gateway, "POST", RESTORE, vouched, ids_body([random_id()]))
         await send(http_session, gateway, "POST", RESTORE, bearer(creds, "MEMBER"), junk.encode())
 
-    samples = scrape(gateway)
+    samples = gateway.metrics()
     policy = config.load(str(gateway.config_path)).policy
     routes = {r.name for r in policy.routes} | {"unmatched"}
     principals = {p.name for p in policy.principals} | {"other"}
@@ -562,7 +419,7 @@ async def test_labels_stay_bounded_whatever_the_requests(
             if label == "method":
                 seen_methods.add(label_value)
     assert "OTHER" in seen_methods  # PURGE was counted, as OTHER
-    assert value(samples, "gateway_principal_requests_total",
+    assert sample(samples, "gateway_principal_requests_total",
                  principal="other", route=RESTORE_ROUTE, status="200") >= 15  # fmt: skip
 
 
@@ -571,14 +428,11 @@ async def test_labels_stay_bounded_whatever_the_requests(
 
 @pytest.mark.e2e
 async def test_sighup_applies_a_new_policy_and_keeps_it_when_the_next_is_invalid(
-    tmp_path: Path,
+    start_gateway: Callable[..., GatewayProc],
     creds: Creds,
-    sandbox: SandboxProc,
-    started: list[GatewayProc | SandboxProc],
     http_session: aiohttp.ClientSession,
 ) -> None:
-    gw = launch(tmp_path / "gw", creds, sandbox.url)
-    started.append(gw)
+    gw = start_gateway()
     policy = gw.config_path.parent / "policy.yaml"
 
     async def viewer_restore() -> int:
@@ -588,17 +442,17 @@ async def test_sighup_applies_a_new_policy_and_keeps_it_when_the_next_is_invalid
         return reply.status
 
     async def reload() -> None:
-        seen = count_events(gw, "reloaded") + count_events(gw, "reload_failed")
+        seen = len(gw.events("reloaded")) + len(gw.events("reload_failed"))
         gw.proc.popen.send_signal(signal.SIGHUP)
-        await poll(lambda: count_events(gw, "reloaded") + count_events(gw, "reload_failed") > seen)
+        await poll(lambda: len(gw.events("reloaded")) + len(gw.events("reload_failed")) > seen)
 
     assert await viewer_restore() == 403
     edit(policy, "min_role: MEMBER\n    batch:", "min_role: VIEWER\n    batch:")
     await reload()
     assert await viewer_restore() == 200
-    samples = scrape(gw)
-    assert value(samples, "gateway_config_reloads_total", result="success") == 1
-    assert value(samples, "gateway_config_reloads_total", result="failure") == 0
+    samples = gw.metrics()
+    assert sample(samples, "gateway_config_reloads_total", result="success") == 1
+    assert sample(samples, "gateway_config_reloads_total", result="failure") == 0
 
     # An unknown role: the whole new set is refused, the old one keeps serving.
     edit(policy, "min_role: VIEWER\n    batch:", "min_role: ADMIN\n    batch:")
@@ -607,13 +461,13 @@ async def test_sighup_applies_a_new_policy_and_keeps_it_when_the_next_is_invalid
     assert await viewer_restore() == 200
     trash = await send(http_session, gw, "GET", TRASH + "?limit=1", bearer(creds, "VIEWER"))
     assert trash.status == 200
-    samples = scrape(gw)
-    assert value(samples, "gateway_config_reloads_total", result="success") == 1
-    assert value(samples, "gateway_config_reloads_total", result="failure") == 1
-    assert value(samples, "gateway_requests_total", route=TRASH_ROUTE, method="GET", status="200")
-    assert not value(samples, "gateway_requests_total", route="trash-renamed", method="GET",
+    samples = gw.metrics()
+    assert sample(samples, "gateway_config_reloads_total", result="success") == 1
+    assert sample(samples, "gateway_config_reloads_total", result="failure") == 1
+    assert sample(samples, "gateway_requests_total", route=TRASH_ROUTE, method="GET", status="200")
+    assert not sample(samples, "gateway_requests_total", route="trash-renamed", method="GET",
                      status="200")  # fmt: skip
-    failed = next(e for e in events(gw) if e["event"] == "reload_failed")
+    failed = gw.events("reload_failed")[0]
     assert any(
         re.fullmatch(rf"{re.escape(str(policy))}:\d+: routes\[0\]\.min_role: .*ADMIN.*", error)
         for error in failed["errors"]
@@ -626,26 +480,20 @@ async def test_sighup_applies_a_new_policy_and_keeps_it_when_the_next_is_invalid
     edit(gw.config_path, f'listen: "127.0.0.1:{gw.port}"', f'listen: "127.0.0.1:{new_port}"')
     await reload()
     assert await viewer_restore() == 403  # OWNER now
-    reloaded = [e for e in events(gw) if e["event"] == "reloaded"][-1]
+    reloaded = gw.events("reloaded")[-1]
     assert reloaded["restart_needed_for"] == ["listen"]
     assert refused(new_port)
     await reload()  # and still so at the next reload: the old port is still the one bound
-    assert [e for e in events(gw) if e["event"] == "reloaded"][-1]["restart_needed_for"] == [
-        "listen"
-    ]
+    assert gw.events("reloaded")[-1]["restart_needed_for"] == ["listen"]
     assert await viewer_restore() == 403
-    assert value(scrape(gw), "gateway_config_reloads_total", result="success") == 3
+    assert sample(gw.metrics(), "gateway_config_reloads_total", result="success") == 3
 
 
 @pytest.mark.e2e
 async def test_a_request_in_flight_finishes_under_the_policy_it_started_with(
-    tmp_path: Path,
-    creds: Creds,
-    sandbox: SandboxProc,
-    started: list[GatewayProc | SandboxProc],
+    start_gateway: Callable[..., GatewayProc], creds: Creds, sandbox: SandboxProc
 ) -> None:
-    gw = launch(tmp_path / "gw", creds, sandbox.url)
-    started.append(gw)
+    gw = start_gateway()
     ids = sandbox.trash_ids(2)
     body = ids_body(ids)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -659,7 +507,7 @@ async def test_a_request_in_flight_finishes_under_the_policy_it_started_with(
     await writer.drain()
     # Identity, route and role are decided before the body is read: once the
     # request shows as in flight it is waiting for the rest of its body.
-    await poll(lambda: value(scrape(gw), "gateway_in_flight_requests") == 1)
+    await poll(lambda: sample(gw.metrics(), "gateway_in_flight_requests") == 1)
 
     # The new set would refuse it twice over: OWNER only, at most 1 item.
     edit(
@@ -668,7 +516,7 @@ async def test_a_request_in_flight_finishes_under_the_policy_it_started_with(
         "min_role: OWNER\n    batch:\n      field: recordIds\n      max_items: 1",
     )
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reloaded") == 1)
+    await poll(lambda: len(gw.events("reloaded")) == 1)
     rest = body[10:]
     writer.write(f"{len(rest):x}\r\n".encode() + rest + b"\r\n0\r\n\r\n")
     await writer.drain()
@@ -687,16 +535,15 @@ async def test_a_request_in_flight_finishes_under_the_policy_it_started_with(
 async def test_sighup_signs_with_a_rotated_secret_file(
     tmp_path: Path,
     creds: Creds,
-    started: list[GatewayProc | SandboxProc],
+    start_sandbox: Callable[..., SandboxProc],
+    start_gateway: Callable[..., GatewayProc],
     http_session: aiohttp.ClientSession,
 ) -> None:
     secret_file = tmp_path / "solapi_api_secret"
     secret_file.write_text(creds.secret + "\n", encoding="utf-8")
     port = free_port()
-    upstream = launch_sandbox_at(tmp_path, port, creds.api_key, secret_file)
-    started.append(upstream)
-    gw = launch(tmp_path / "gw", creds, upstream.url, secret_file=secret_file)
-    started.append(gw)
+    upstream = start_sandbox(port=port, secret_file=secret_file)
+    gw = start_gateway(upstream.url, secret_file=secret_file)
 
     async def restore() -> Reply:
         return await send(
@@ -708,8 +555,7 @@ async def test_sighup_signs_with_a_rotated_secret_file(
     new_secret = secrets.token_urlsafe(24)
     secret_file.write_text(new_secret + "\n", encoding="utf-8")
     upstream.proc.kill()
-    rotated = launch_sandbox_at(tmp_path, port, creds.api_key, secret_file)
-    started.append(rotated)
+    rotated = start_sandbox(port=port, secret_file=secret_file)
 
     before = await restore()  # still signed with the old secret
     assert before.status == 403, before.body
@@ -717,7 +563,7 @@ async def test_sighup_signs_with_a_rotated_secret_file(
     assert "X-Gateway-Error" not in before.headers  # upstream's answer, passed back
 
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reloaded") == 1)
+    await poll(lambda: len(gw.events("reloaded")) == 1)
     after = await restore()
     assert after.status == 200, after.body
     assert rotated.log()["accepted"] == 1
@@ -751,14 +597,12 @@ def assert_all_restored(replies: list[Reply], batches: list[list[str]]) -> None:
 
 @pytest.mark.e2e
 async def test_sigterm_answers_20_requests_in_flight_and_refuses_new_connections(
-    tmp_path: Path,
     creds: Creds,
     start_sandbox: Callable[..., SandboxProc],
-    started: list[GatewayProc | SandboxProc],
+    start_gateway: Callable[..., GatewayProc],
 ) -> None:
     slow = start_sandbox(delay_s=1.5)
-    gw = launch(tmp_path / "gw", creds, slow.url)  # shutdown_grace_s: 5
-    started.append(gw)
+    gw = start_gateway(slow.url)  # shutdown_grace_s: 5
     tasks, batches, session = await restores_in_flight(gw, creds, slow, 20)
     try:
         signalled = time.monotonic()
@@ -779,9 +623,9 @@ async def test_sigterm_answers_20_requests_in_flight_and_refuses_new_connections
     assert_all_restored(replies, batches)
     assert exited_s < 5  # within shutdown_grace_s
     assert answered_s < 1.5 + 1  # each waited for upstream's delay, not for the grace
-    names = [e["event"] for e in events(gw)]
+    names = [e["event"] for e in gw.events()]
     assert names.index("draining") < names.index("stopped") == len(names) - 1
-    access = [e for e in events(gw) if e["event"] == "access"]
+    access = gw.access_lines()
     assert [e["status"] for e in access] == [200] * 20
     print(f"drain: 20 in flight answered {answered_s:.2f}s and exit {exited_s:.2f}s after SIGTERM")
 
@@ -791,8 +635,15 @@ async def test_a_request_that_arrives_while_draining_is_503_shutting_down(
 ) -> None:
     # A request reaches the handler after the drain began only when it was
     # already queued on a kept-alive connection: it is told to go elsewhere.
+    port, admin_port = free_ports(2)
     path = write_gateway_config(
-        tmp_path, creds, "http://127.0.0.1:9", port=free_port(), admin_port=free_port()
+        tmp_path,
+        port=port,
+        admin_port=admin_port,
+        upstream_url="http://127.0.0.1:9",
+        api_key=creds.api_key,
+        secret_file=creds.secret_file,
+        policy=gateway_policy(creds),
     )
     gateway = Gateway(config.load(str(path)), Metrics())
     server: RawTestServer = await aiohttp_raw_server(gateway.handle)
@@ -810,15 +661,10 @@ async def test_a_request_that_arrives_while_draining_is_503_shutting_down(
         assert body["errorCode"] == "ShuttingDown"
     samples = samples_of(generate_latest(gateway.metrics.registry))
     # Labelled with the route its method and path match, like every refusal.
-    assert value(samples, "gateway_rejections_total", route=TRASH_ROUTE, code="ShuttingDown") == 1
+    assert sample(samples, "gateway_rejections_total", route=TRASH_ROUTE, code="ShuttingDown") == 1
 
 
 # --- serve --workers N -----------------------------------------------------------------------
-
-
-def worker_pids(gw: GatewayProc) -> list[int]:
-    """Every worker that has started so far, oldest first."""
-    return [e["pid"] for e in events(gw) if e["event"] == "started" and e["pid"] != gw.proc.pid]
 
 
 async def restore_many(gw: GatewayProc, creds: Creds, n: int, role: str = "MEMBER") -> list[int]:
@@ -837,52 +683,51 @@ async def restore_many(gw: GatewayProc, creds: Creds, n: int, role: str = "MEMBE
 
 
 def total_requests(gw: GatewayProc) -> float:
-    return sum(family(scrape(gw), "gateway_requests_total").values())
+    return sum(family(gw.metrics(), "gateway_requests_total").values())
 
 
 @pytest.mark.e2e
 async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
-    tmp_path: Path,
-    creds: Creds,
-    sandbox: SandboxProc,
-    started: list[GatewayProc | SandboxProc],
+    tmp_path: Path, creds: Creds, start_gateway: Callable[..., GatewayProc]
 ) -> None:
     metrics_dir = tmp_path / "metrics"
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    audit_config = 'audit_log: "audit.jsonl"\n'
-    gw = launch(tmp_path / "gw", creds, sandbox.url, workers=2, env=env, extra_config=audit_config)
-    started.append(gw)
+    options: dict[str, Any] = {
+        "workers": 2,
+        "env": {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        "settings": {"audit_log": "audit.jsonl"},
+    }
+    gw = start_gateway(**options)
     audit = gw.config_path.parent / "audit.jsonl"
     policy = gw.config_path.parent / "policy.yaml"
-    await poll(lambda: len(worker_pids(gw)) == 2)
-    first, second = worker_pids(gw)
+    await poll(lambda: len(gw.worker_pids()) == 2)
+    first, second = gw.worker_pids()
 
     assert await restore_many(gw, creds, 200) == [200] * 200
     # Each request is counted and logged just after its answer is relayed.
     await poll(lambda: total_requests(gw) == 200)
-    await poll(lambda: sum(e["event"] == "access" for e in events(gw)) == 200)
-    samples = scrape(gw)
+    await poll(lambda: len(gw.access_lines()) == 200)
+    samples = gw.metrics()
     assert family(samples, "gateway_requests_total") == {
         labelled(route=RESTORE_ROUTE, method="POST", status="200"): 200.0
     }
-    assert value(samples, "gateway_batch_items_count", route=RESTORE_ROUTE) == 200
-    assert value(samples, "gateway_in_flight_requests") == 0
-    assert value(samples, "gateway_build_info", version=__version__) == 1
+    assert sample(samples, "gateway_batch_items_count", route=RESTORE_ROUTE) == 200
+    assert sample(samples, "gateway_in_flight_requests") == 0
+    assert sample(samples, "gateway_build_info", version=__version__) == 1
     assert not any("pid" in dict(labels) for _, labels in samples)
     # Both workers took a share, and each wrote its own access lines to the shared stderr.
     assert {f"counter_{first}.db", f"counter_{second}.db"} <= set(os.listdir(metrics_dir))
-    access = [e for e in events(gw) if e["event"] == "access"]
+    access = gw.access_lines()
     assert len({e["request_id"] for e in access}) == len(access) == 200
     # Both append to one audit file, a whole line at a time.
     await poll(lambda: audit.read_text().count("\n") == 200)
-    audited = [json.loads(line) for line in audit.read_text().splitlines()]
+    audited = json_lines(audit.read_text())
     assert {a["request_id"] for a in audited} == {e["request_id"] for e in access}
 
     os.kill(first, signal.SIGKILL)
-    await poll(lambda: count_events(gw, "worker_exited") == 1)
+    await poll(lambda: len(gw.events("worker_exited")) == 1)
     assert total_requests(gw) == 200  # the dead worker's counts stay in the sum
-    await poll(lambda: len(worker_pids(gw)) == 3 and gw.admin("/readyz")[0] == 200)
-    replacement = worker_pids(gw)[-1]
+    await poll(lambda: len(gw.worker_pids()) == 3 and gw.admin("/readyz")[0] == 200)
+    replacement = gw.worker_pids()[-1]
     assert replacement not in (first, second)
     assert await restore_many(gw, creds, 50) == [200] * 50
     # A request is counted just after its answer is relayed: give the last one a moment.
@@ -891,55 +736,50 @@ async def test_workers_sum_their_metrics_and_a_killed_worker_is_replaced(
     # SIGHUP to the supervisor: checked and counted once, applied by every worker.
     edit(policy, "min_role: MEMBER\n    batch:", "min_role: VIEWER\n    batch:")
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reloaded") == 2)
+    await poll(lambda: len(gw.events("reloaded")) == 2)
     assert await restore_many(gw, creds, 20, role="VIEWER") == [200] * 20
-    samples = scrape(gw)
-    assert value(samples, "gateway_config_reloads_total", result="success") == 1
-    assert value(samples, "gateway_config_reloads_total", result="failure") == 0
+    samples = gw.metrics()
+    assert sample(samples, "gateway_config_reloads_total", result="success") == 1
+    assert sample(samples, "gateway_config_reloads_total", result="failure") == 0
 
     # logrotate, with a broken policy on disk: refused and counted once by the
     # supervisor, the workers keep their set and still reopen the audit file.
     edit(policy, "min_role: VIEWER\n    batch:", "min_role: ADMIN\n    batch:")
     audit.rename(audit.with_name("audit.jsonl.1"))
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reload_failed") == 1)
+    await poll(lambda: len(gw.events("reload_failed")) == 1)
     assert await restore_many(gw, creds, 20, role="VIEWER") == [200] * 20
     await poll(lambda: audit.exists() and audit.read_text().count("\n") == 20)
-    samples = scrape(gw)
-    assert value(samples, "gateway_config_reloads_total", result="success") == 1
-    assert value(samples, "gateway_config_reloads_total", result="failure") == 1
-    assert count_events(gw, "reload_failed") == 1  # not once more per worker
+    samples = gw.metrics()
+    assert sample(samples, "gateway_config_reloads_total", result="success") == 1
+    assert sample(samples, "gateway_config_reloads_total", result="failure") == 1
+    assert len(gw.events("reload_failed")) == 1  # not once more per worker
 
     assert gw.proc.stop(signal.SIGTERM) == 0
     assert all(not pid_alive(pid) for pid in (second, replacement))
 
-    # A new run on the same folder starts from zero: the old files were cleared.
-    again = launch(
-        tmp_path / "gw", creds, sandbox.url, workers=2, env=env, extra_config=audit_config
-    )
-    started.append(again)
-    assert family(scrape(again), "gateway_requests_total") == {}
+    # A new run on the same metrics folder starts from zero: the old files were cleared.
+    again = start_gateway(**options)
+    assert family(again.metrics(), "gateway_requests_total") == {}
     assert again.proc.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.e2e
 async def test_workers_drain_even_when_signalled_twice(
-    tmp_path: Path,
     creds: Creds,
     start_sandbox: Callable[..., SandboxProc],
-    started: list[GatewayProc | SandboxProc],
+    start_gateway: Callable[..., GatewayProc],
 ) -> None:
     slow = start_sandbox(delay_s=1.5)
-    gw = launch(tmp_path / "gw", creds, slow.url, workers=2)
-    started.append(gw)
-    await poll(lambda: len(worker_pids(gw)) == 2)
+    gw = start_gateway(slow.url, workers=2)
+    await poll(lambda: len(gw.worker_pids()) == 2)
     tasks, batches, session = await restores_in_flight(gw, creds, slow, 10)
     try:
         # Ctrl-C in a terminal or systemd's stop signal the whole process group, so
         # a worker already draining on its own SIGINT then gets the supervisor's SIGTERM.
-        for pid in worker_pids(gw):
+        for pid in gw.worker_pids():
             os.kill(pid, signal.SIGINT)
-        await poll(lambda: count_events(gw, "draining") == 2)
+        await poll(lambda: len(gw.events("draining")) == 2)
         gw.proc.popen.send_signal(signal.SIGTERM)
         await poll(lambda: gw.admin("/readyz")[0] == 503)
         replies = await asyncio.gather(*tasks)
@@ -947,7 +787,7 @@ async def test_workers_drain_even_when_signalled_twice(
     finally:
         await session.close()
     assert_all_restored(replies, batches)
-    assert count_events(gw, "worker_exited") == 0  # drained, not restarted
+    assert len(gw.events("worker_exited")) == 0  # drained, not restarted
 
 
 # --- the audit log ---------------------------------------------------------------------------
@@ -958,15 +798,12 @@ async def test_audit_log_names_every_record_of_every_batch_and_reopens_on_sighup
     tmp_path: Path,
     creds: Creds,
     sandbox: SandboxProc,
-    started: list[GatewayProc | SandboxProc],
+    start_gateway: Callable[..., GatewayProc],
     http_session: aiohttp.ClientSession,
 ) -> None:
-    (tmp_path / "gw" / "audit").mkdir(parents=True)
-    gw = launch(
-        tmp_path / "gw", creds, sandbox.url, extra_config='audit_log: "audit/batches.jsonl"\n'
-    )
-    started.append(gw)
-    audit = tmp_path / "gw" / "audit" / "batches.jsonl"
+    audit = tmp_path / "audit" / "batches.jsonl"
+    audit.parent.mkdir()
+    gw = start_gateway(settings={"audit_log": str(audit)})
     trusted = {"X-Internal-Principal": "ops-console", "X-Internal-Role": "OWNER"}
     member_ids, owner_ids = sandbox.trash_ids(3), [random_id()]
 
@@ -984,7 +821,7 @@ async def test_audit_log_names_every_record_of_every_batch_and_reopens_on_sighup
     assert trash.status == 200
 
     def records(path: Path) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return json_lines(path.read_text(encoding="utf-8"))
 
     await poll(lambda: audit.exists() and len(records(audit)) == 2)
     first, second = records(audit)
@@ -1004,7 +841,7 @@ async def test_audit_log_names_every_record_of_every_batch_and_reopens_on_sighup
     rotated = audit.with_name("batches.jsonl.1")
     audit.rename(rotated)
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reloaded") == 1)
+    await poll(lambda: len(gw.events("reloaded")) == 1)
     later_ids = [random_id(), random_id()]
     assert await restore(member, later_ids, "audit-3") == 200
     await poll(lambda: audit.exists() and len(records(audit)) == 1)
@@ -1017,7 +854,7 @@ async def test_audit_log_names_every_record_of_every_batch_and_reopens_on_sighup
          "min_role: ADMIN\n    batch:")  # fmt: skip
     audit.rename(audit.with_name("batches.jsonl.2"))
     gw.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: count_events(gw, "reload_failed") == 1)
+    await poll(lambda: len(gw.events("reload_failed")) == 1)
     assert await restore(member, [random_id()], "audit-4") == 200  # the old policy serves
     await poll(lambda: audit.exists() and len(records(audit)) == 1)
     assert records(audit)[0]["request_id"] == "audit-4"

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import REPO, policy_from_text
 
 from gateway.errors import Forbidden, MethodNotAllowed, RouteNotFound
 from gateway.names import METHODS
-from gateway.policy import Policy, parse_policy
+from gateway.policy import Policy
 from gateway.routes import Route
 from gateway.signing import Secret
 
-REPO = Path(__file__).resolve().parent.parent
 RESTORE = "/crm-core/v1/records/bulk/restore"
 
 POLICY = f"""\
@@ -75,15 +74,9 @@ routes:
 """
 
 
-def policy_from(text: str, name: str = "policy.yaml") -> Policy:
-    policy, problems = parse_policy(text, name)
-    assert policy is not None, [str(p) for p in problems]
-    return policy
-
-
 @pytest.fixture(scope="module")
 def policy() -> Policy:
-    return policy_from(POLICY)
+    return policy_from_text(POLICY)
 
 
 # --- match: which route ------------------------------------------------------------
@@ -127,7 +120,7 @@ def test_an_exact_route_is_preferred_over_a_template(policy: Policy) -> None:
 
 
 def test_a_template_matches_the_bulk_path_only_where_no_route_is_exact() -> None:
-    policy = policy_from(
+    policy = policy_from_text(
         "roles: [VIEWER]\nroutes:\n"
         "  - {name: any-action, method: POST, path: '/r/{id}/{action}', min_role: VIEWER}\n"
         "  - {name: bulk-restore, method: POST, path: /r/bulk/restore, min_role: VIEWER}\n"
@@ -191,7 +184,7 @@ def test_a_known_path_with_another_method_is_405_with_allow(
 
 
 def test_an_empty_policy_denies_everything() -> None:
-    policy = policy_from("roles: [VIEWER]\nroutes: []\n")
+    policy = policy_from_text("roles: [VIEWER]\nroutes: []\n")
     for path in ("/", RESTORE):
         with pytest.raises(RouteNotFound):
             policy.match("GET", path)
@@ -286,7 +279,7 @@ def test_authorize_follows_the_role_ladder(
 
 
 def test_the_ladder_is_the_order_roles_are_listed_in() -> None:
-    policy = policy_from(
+    policy = policy_from_text(
         "roles: [guest, ops, admin]\n"
         "routes:\n  - {name: deploy, method: POST, path: /deploy, min_role: ops}\n"
     )
@@ -344,7 +337,7 @@ def test_trusted_headers_are_read_from_the_policy(policy: Policy) -> None:
 
 
 def test_without_trusted_headers_the_feature_is_off() -> None:
-    assert policy_from("roles: [VIEWER]\nroutes: []\n").trusted_headers is None
+    assert policy_from_text("roles: [VIEWER]\nroutes: []\n").trusted_headers is None
 
 
 # --- lookup tables -----------------------------------------------------------------
@@ -371,7 +364,7 @@ def test_principals_are_found_by_their_internal_key(policy: Policy) -> None:
 
 
 def test_an_empty_principals_list_is_allowed() -> None:
-    policy = policy_from("roles: [VIEWER]\nprincipals: []\nroutes: []\n")
+    policy = policy_from_text("roles: [VIEWER]\nprincipals: []\nroutes: []\n")
     assert policy.principals == ()
     assert dict(policy.by_token) == {}
     assert dict(policy.by_hmac_key) == {}
@@ -382,7 +375,7 @@ def test_an_empty_principals_list_is_allowed() -> None:
 
 @pytest.mark.parametrize("path", ["config/policy.yaml", "config/demo/policy.yaml"])
 def test_the_shipped_policies_serve_bulk_restore_to_members(path: str) -> None:
-    policy = policy_from((REPO / path).read_text(), path)
+    policy = policy_from_text((REPO / path).read_text(), path)
     route = policy.match("POST", RESTORE)
     assert isinstance(route, Route)
     assert route.name == "records-bulk-restore"

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from support import REPO, Creds, GatewayProc, Reply, SandboxProc, policy_from_text
 
 from gateway import walk
 from gateway.identity import verifier_for
-from gateway.policy import Policy, parse_policy
+from gateway.policy import Policy
 from gateway.routes import Condition, same_json
 from gateway.sandbox import demo_record_id
+from gateway.yamlsource import ConfigError
 
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, Reply, SandboxProc
-
-REPO = Path(__file__).resolve().parent.parent
 ROLES = ("VIEWER", "MEMBER", "OWNER")
 ID = "CRMRC2026112800000000ABCDEF12345"
 BULK_RESTORE = "/crm-core/v1/records/bulk/restore"
@@ -48,18 +45,19 @@ SHIPPED_ROUTES = [
 ]
 
 
-def load(text: str, name: str = "policy.yaml") -> tuple[Policy | None, list[str]]:
-    policy, problems = parse_policy(text, name)
-    return policy, [str(p) for p in problems]
+def problems_of(text: str) -> list[str]:
+    """What is wrong with a policy file holding ``text``."""
+    with pytest.raises(ConfigError) as info:
+        policy_from_text(text)
+    return [str(p) for p in info.value.problems]
 
 
 def shipped(path: str = "config/policy.yaml") -> Policy:
+    """A shipped policy file, given TRUSTED headers where it has none of its own."""
     text = (REPO / path).read_text()
-    if "\ntrusted_headers:" not in text:  # the demo policy has its own
+    if "\ntrusted_headers:" not in text:
         text += TRUSTED
-    policy, problems = load(text, path)
-    assert policy is not None, problems
-    return policy
+    return policy_from_text(text, path)
 
 
 def decide(
@@ -234,8 +232,7 @@ routes:
 def test_rules_parse_any_body_they_judge(
     raw: bytes, content_type: str, member: str | None, owner: str | None
 ) -> None:
-    policy, problems = load(RULED)
-    assert policy is not None, problems
+    policy = policy_from_text(RULED)
     for role, expected in (("MEMBER", member), ("OWNER", owner)):
         d = decide(policy, "DELETE", "/r/1", role, raw=raw, content_type=content_type)
         assert refusal(d) == expected, (role, d.steps)
@@ -354,8 +351,7 @@ def route_with(extra: str, path: str = "/r/{id}") -> str:
 def test_rule_and_param_mistakes_are_named_by_line_and_key(
     extra: str, path: str, problem: str
 ) -> None:
-    policy, problems = load(route_with(extra, path))
-    assert policy is None
+    problems = problems_of(route_with(extra, path))
     assert len(problems) == 1, problems
     assert problems[0].startswith(problem), problems
 
@@ -369,8 +365,7 @@ def test_good_rules_and_params_load() -> None:
         "      - when: {field: x, equals: -1.5}\n        min_role: OWNER\n",
         "/r/{id}/do",
     )
-    policy, problems = load(text)
-    assert policy is not None, problems
+    policy = policy_from_text(text)
     route = policy.routes[0]
     rules = [(p.name, p.index, p.pattern.pattern) for p in route.param_rules]
     assert rules == [("id", 2, "^[0-9]+$")]

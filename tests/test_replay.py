@@ -10,7 +10,6 @@ once per worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import signal
@@ -24,17 +23,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import (
-    Creds,
-    GatewayProc,
-    Proc,
-    SandboxProc,
-    cli,
-    free_port,
-    http_request,
-    write_gateway_config,
-)
 from multidict import CIMultiDict
+from support import Creds, GatewayProc, SandboxProc, poll, principal_yaml
 
 from gateway import replay
 from gateway.errors import Unauthorized
@@ -255,20 +245,12 @@ BALANCE = "/cash/v1/balance"
 
 
 def replay_policy(creds: Creds) -> str:
-    import hashlib
-
-    token = hashlib.sha256(creds.tokens["VIEWER"].encode()).hexdigest()
     return (
         "roles: [VIEWER, MEMBER, OWNER]\n"
         "principals:\n"
-        "  - name: test-viewer\n"
-        "    role: VIEWER\n"
-        f'    token_sha256: "{token}"\n'
-        "  - name: sdk-svc\n"
-        "    role: MEMBER\n"
-        f'    hmac_key: "{HMAC_KEY}"\n'
-        f'    hmac_secret: "{HMAC_SECRET}"\n'
-        "routes:\n"
+        + principal_yaml("test-viewer", "VIEWER", token=creds.tokens["VIEWER"])
+        + principal_yaml("sdk-svc", "MEMBER", hmac_key=HMAC_KEY, hmac_secret=HMAC_SECRET)
+        + "routes:\n"
         "  - name: cash-balance\n"
         "    method: GET\n"
         f"    path: {BALANCE}\n"
@@ -278,26 +260,15 @@ def replay_policy(creds: Creds) -> str:
 
 @pytest.fixture
 def workers_gateway(
-    tmp_path: Path, creds: Creds, sandbox: SandboxProc
-) -> Iterator[tuple[GatewayProc, Path]]:
+    tmp_path: Path, creds: Creds, start_gateway: Callable[..., GatewayProc]
+) -> tuple[GatewayProc, Path]:
     """``serve --workers 3`` with an internal key pair, its TMPDIR a folder of the test's."""
-    workdir, scratch = tmp_path / "gw", tmp_path / "scratch"
-    workdir.mkdir()
+    scratch = tmp_path / "scratch"
     scratch.mkdir()
-    port, admin_port = free_port(), free_port()
-    while admin_port == port:
-        admin_port = free_port()
-    config = write_gateway_config(workdir, creds, sandbox.url, port=port, admin_port=admin_port)
-    (workdir / "policy.yaml").write_text(replay_policy(creds), encoding="utf-8")
-    args = ["env", f"TMPDIR={scratch}", cli(), "serve", "--config", str(config)]
-    args += ["--workers", str(WORKERS)]
-    proc = Proc(f"gateway :{port}", args, workdir / "gateway.stderr")
-    gateway = GatewayProc(proc, port, admin_port, config)
-    try:
-        proc.wait_ready(lambda: http_request("GET", admin_port, "/readyz")[0] == 200)
-        yield gateway, scratch
-    finally:
-        proc.kill()
+    gateway = start_gateway(
+        policy=replay_policy(creds), workers=WORKERS, env={"TMPDIR": str(scratch)}
+    )
+    return gateway, scratch
 
 
 async def send_on_new_connections(gateway: GatewayProc, header: str, n: int) -> list[int]:
@@ -312,28 +283,8 @@ async def send_on_new_connections(gateway: GatewayProc, header: str, n: int) -> 
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
-def events(gateway: GatewayProc) -> list[dict[str, Any]]:
-    """The complete stderr lines so far (a worker may be halfway through the next one)."""
-    text = gateway.proc.stderr_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
-def worker_pids(gateway: GatewayProc) -> list[int]:
-    """Every worker started so far, oldest first."""
-    pids = [e["pid"] for e in events(gateway) if e["event"] == "started"]
-    return [pid for pid in pids if pid != gateway.proc.pid]
-
-
 def reasons(gateway: GatewayProc) -> list[str]:
-    lines = [e for e in events(gateway) if e["event"] == "access" and e["status"] == 401]
-    return [str(e.get("reason")) for e in lines]
-
-
-async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
+    return [str(e.get("reason")) for e in gateway.access_lines() if e["status"] == 401]
 
 
 @pytest.mark.e2e
@@ -356,15 +307,15 @@ async def test_a_replayed_sdk_header_is_accepted_once_by_all_workers_together(
 
     # Every worker reloads (SIGHUP) and still remembers; a fresh header still passes.
     gateway.proc.popen.send_signal(signal.SIGHUP)
-    await poll(lambda: sum(e["event"] == "reloaded" for e in events(gateway)) == WORKERS)
+    await poll(lambda: len(gateway.events("reloaded")) == WORKERS)
     assert await send_on_new_connections(gateway, header, 6) == [401] * 6
     assert await send_on_new_connections(gateway, sdk_header(), 1) == [200]
     assert sandbox.count() == before + 2
 
     # A worker that dies is replaced by one that opens the same memory.
-    first_worker = worker_pids(gateway)[0]
+    first_worker = gateway.worker_pids()[0]
     os.kill(first_worker, signal.SIGKILL)
-    await poll(lambda: len(worker_pids(gateway)) == WORKERS + 1)
+    await poll(lambda: len(gateway.worker_pids()) == WORKERS + 1)
     await poll(lambda: gateway.admin("/readyz")[0] == 200)
     assert await send_on_new_connections(gateway, header, 2 * WORKERS) == [401] * 2 * WORKERS
     assert sandbox.count() == before + 2

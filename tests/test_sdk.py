@@ -23,16 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from solapi import SolapiMessageService
 from solapi.lib import authenticator
 from solapi.lib.fetcher import RequestMethod, default_fetcher
-
-if TYPE_CHECKING:
-    from conftest import Creds, GatewayProc, SandboxProc, SdkKey
+from support import Creds, GatewayProc, SandboxProc, SdkKey, sample
 
 pytestmark = pytest.mark.e2e
 
@@ -64,15 +61,7 @@ def recorded_headers() -> Iterator[list[str]]:
 
 
 def rejections(gateway: GatewayProc, route: str, code: str) -> float:
-    _, text = gateway.admin("/metrics")
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            if sample.name == "gateway_rejections_total" and sample.labels == {
-                "route": route,
-                "code": code,
-            }:
-                return float(sample.value)
-    return 0.0
+    return sample(gateway.metrics(), "gateway_rejections_total", route=route, code=code)
 
 
 def refused_quietly(

@@ -6,7 +6,6 @@ body bytes, and the answer is a ``Decision`` listing each step's outcome.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -15,10 +14,11 @@ from datetime import UTC, datetime
 
 import pytest
 from multidict import CIMultiDict
+from support import policy_from_text, principal_yaml, token_principals
 
 from gateway import signing, walk
 from gateway.identity import verifier_for
-from gateway.policy import Policy, parse_policy
+from gateway.policy import Policy
 from gateway.signing import Secret, Verifier
 
 ID = "CRMRC2026112800000000ABCDEF12345"
@@ -34,16 +34,9 @@ SDK_KEY, SDK_SECRET = "NCSINTERNAL00001", "sdk-secret"
 
 POLICY = (
     "roles: [VIEWER, MEMBER, OWNER]\nprincipals:\n"
-    + "".join(
-        f"  - name: {role.lower()}-svc\n    role: {role}\n"
-        f'    token_sha256: "{hashlib.sha256(token.encode()).hexdigest()}"\n'
-        for role, token in TOKENS.items()
-    )
+    + token_principals(TOKENS, "{role}-svc")
+    + principal_yaml("sdk-svc", "MEMBER", hmac_key=SDK_KEY, hmac_secret=SDK_SECRET)
     + f"""\
-  - name: sdk-svc
-    role: MEMBER
-    hmac_key: "{SDK_KEY}"
-    hmac_secret: "{SDK_SECRET}"
 routes:
   - name: records-bulk-restore
     method: POST
@@ -71,15 +64,9 @@ routes:
 )
 
 
-def policy_from(text: str) -> Policy:
-    policy, problems = parse_policy(text)
-    assert policy is not None, [str(p) for p in problems]
-    return policy
-
-
 @pytest.fixture(scope="module")
 def policy() -> Policy:
-    return policy_from(POLICY)
+    return policy_from_text(POLICY)
 
 
 def headers_of(role: str | None, **extra: str) -> CIMultiDict[str]:
