@@ -15,7 +15,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import secrets
 import signal
 import sqlite3
 import time
