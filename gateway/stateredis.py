@@ -91,7 +91,10 @@ class RedisState:
         self.client = redis.Redis.from_url(
             url.reveal(),
             socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
+            # The caller's asyncio.timeout bounds each whole call (a cancelled read
+            # drops its connection): a socket timeout too would wrap every read in
+            # a task of its own for nothing.
+            socket_timeout=None,
             retry=Retry(NoBackoff(), 0),
         )
         self._remember = self.client.register_script(_REMEMBER)
