@@ -184,6 +184,7 @@ def refuse_identity(d: Decision, exc: GatewayError) -> NoReturn:
     why = exc.reason or exc.message
     d.steps[:] = [s for s in d.steps if s.name != "identity"]
     d.steps.append(Step("identity", False, f"{exc.status} {exc.code}: {why}"))
+    d.caller = None  # not identified after all: the log names no principal
     d.error = exc
     raise exc
 
