@@ -337,3 +337,31 @@ async def test_the_workers_of_one_serve_share_their_limits(
         assert len(started - {proc.pid}) == 2  # two workers answered them
     finally:
         proc.kill()
+
+
+async def test_a_reload_keeps_the_counters_of_a_limit_left_alone_and_resets_an_edited_one(
+    start_gateway: Callable[..., GatewayProc],
+    creds: Creds,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    limit = "  - {name: per-minute, key: principal, routes: ['*'], requests_per_min: 2}\n"
+    gateway = start_gateway(policy=policy(creds, limit))
+    bearer = {"Authorization": creds.bearer("MEMBER")}
+    assert [await status(http_session, gateway, headers=bearer) for _ in range(3)] == [
+        200, 200, 429,
+    ]  # fmt: skip
+    policy_file = gateway.config_path.parent / "policy.yaml"
+
+    async def reload(text: str) -> None:
+        policy_file.write_text(text)
+        reloads = sum(e["event"] == "reloaded" for e in gateway.events())
+        gateway.proc.popen.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while sum(e["event"] == "reloaded" for e in gateway.events()) == reloads:
+            assert time.monotonic() < deadline, "no reload"
+            await asyncio.sleep(0.05)
+
+    await reload(policy(creds, limit) + "# touched, the limit itself unchanged\n")
+    assert await status(http_session, gateway, headers=bearer) == 429  # still counted
+    await reload(policy(creds, limit.replace("requests_per_min: 2", "requests_per_min: 3")))
+    assert await status(http_session, gateway, headers=bearer) == 200  # a fresh bucket
