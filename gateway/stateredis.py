@@ -14,16 +14,25 @@ its buckets start afresh, leave it alone and a reload keeps counting. The
 The client is redis-py's ``redis.asyncio`` (with hiredis), its own retries
 off: the caller bounds every call with ``state.timeout_s`` and a failed call
 is answered at once (gateway/state.py); the next call connects again.
+
+Calls made in the same turn of the event loop go out together, as one
+pipeline (one write, one connection; still one script and one round trip per
+request): under load a replica sends its checks in batches, which costs it
+and Redis a fraction of one command at a time, and a lone request goes out
+at once, as it would anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any, Final
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway import replay
 from gateway.config import StateURL
@@ -97,8 +106,11 @@ class RedisState:
             socket_timeout=None,
             retry=Retry(NoBackoff(), 0),
         )
+        self.timeout_s = timeout_s
         self._remember = self.client.register_script(_REMEMBER)
         self._consume = self.client.register_script(_CONSUME)
+        self._pending: list[_Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def remember(
         self, api_key: str, salt: str, signed_at: float, now: float, limit: int
@@ -121,11 +133,53 @@ class RedisState:
             return Verdict(True, [])
         return Verdict(False, [], refused - 1, float(answer[1]))
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        call = _Call(script, keys, args, loop.create_future())
+        self._pending.append(call)
+        if len(self._pending) == 1:  # the first of this turn: send them all at its end
+            loop.call_soon(self._flush)
+        return await call.answer  # the caller's timeout may cancel this wait, not the batch
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # held until done, so it is not collected half-way
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
         try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise StateError(self._scrub(f"redis: {type(exc).__name__}: {exc}")) from None
+            async with asyncio.timeout(self.timeout_s):
+                results = await self._pipeline(batch)
+                pairs = zip(batch, results, strict=True)
+                missing = [c for c, r in pairs if isinstance(r, NoScriptError)]
+                if missing:  # a restarted (or flushed) Redis: load the scripts, send those again
+                    for script in {id(c.script): c.script for c in missing}.values():
+                        await self.client.script_load(script.script)
+                    again = await self._pipeline(missing)
+                    found = dict(zip(map(id, missing), again, strict=True))
+                    results = [found.get(id(c), r) for c, r in zip(batch, results, strict=True)]
+        except (RedisError, OSError, TimeoutError) as exc:
+            error = StateError(self._scrub(f"redis: {type(exc).__name__}: {exc}"))
+            results = [error] * len(batch)
+        for call, result in zip(batch, results, strict=True):
+            if call.answer.done():  # its caller gave up waiting
+                continue
+            if isinstance(result, StateError):
+                call.answer.set_exception(result)
+            elif isinstance(result, Exception):
+                why = self._scrub(f"redis: {type(result).__name__}: {result}")
+                call.answer.set_exception(StateError(why))
+            else:
+                call.answer.set_result(result)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in batch:
+            assert call.script.sha, "registered scripts know their digest"
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _scrub(self, text: str) -> str:
         """An error's text without the URL's password, whatever the client put in it."""
@@ -137,6 +191,14 @@ class RedisState:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+@dataclass(slots=True)
+class _Call:
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+    answer: asyncio.Future[Any]
 
 
 def _password(url: str) -> str | None:
