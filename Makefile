@@ -32,11 +32,12 @@ e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
 
 bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes docs/performance.md
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; }
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light redis-server; }
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
 	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/limits.py  # rate limits and shared state; writes docs/state.md
 
 soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
 	$(BIN)/python bench/soak.py

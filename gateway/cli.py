@@ -93,7 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _load_logged(args.config)
     if settings is None:
         return EXIT_CONFIG
-    shared = state.Shared(args.replay_file, args.metrics_dir)
+    shared = state.Shared(args.state_file, args.metrics_dir)
 
     async def listening(_: object) -> None:
         supervisor.report_ready(args.ready_fd)
@@ -263,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", required=True)
-    worker.add_argument("--replay-file", required=True)
+    worker.add_argument("--state-file", required=True)
     worker.add_argument("--metrics-dir", required=True)
     worker.add_argument("--ready-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)

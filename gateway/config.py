@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Final
@@ -235,6 +236,88 @@ def _audit_file(value: object, info: ValidationInfo) -> str:
     return path
 
 
+class StateURL:
+    """Where Redis is: a URL that prints itself without its password (logs, errors,
+    ``check-config``); only the client that connects is given ``reveal()``."""
+
+    __slots__ = ("_value", "shown")
+
+    def __init__(self, value: str, shown: str) -> None:
+        self._value, self.shown = value, shown
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return self.shown
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StateURL) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a StateURL cannot be pickled")
+
+
+def _state_url(value: str) -> StateURL:
+    shape = "must be redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)"
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme not in ("redis", "rediss"):
+        raise Invalid(shape)  # never the value: it may hold a password
+    try:
+        url = URL(value)
+        port = url.port
+    except ValueError:
+        raise Invalid(f"{shape}: it could not be read") from None
+    if not url.host:
+        raise Invalid(f"{shape}: it names no host")
+    if port is not None and not 0 < port < 65536:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
+    if url.path not in ("", "/") and not url.path[1:].isdigit():
+        raise Invalid(f"{shape}: the path may only be a database number")
+    if url.query_string or url.fragment:
+        raise Invalid(f"{shape}: no query or fragment")
+    shown = url.with_password("****") if url.password is not None else url
+    return StateURL(value, str(shown))
+
+
+def _one_of(*words: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in words else f"must be {' or '.join(words)}"
+
+
+class StateSettings(Model):
+    """``state:``: where the replay memory and the rate-limit counters live."""
+
+    backend: Annotated[Str, check(_one_of("memory", "redis"))] = Field(
+        "memory", description="memory: this machine (workers share it); redis: every replica"
+    )
+    url: Annotated[StateURL, plain(_state_url, env=True, keep=StateURL)] | None = Field(
+        None, description="redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss:// ${VAR}"
+    )
+    key_prefix: Str = Field("sgw:", description="prefix of every Redis key the gateway writes")
+    timeout_s: Seconds = Field(
+        0.05, description="the most a request waits for the shared state, else 503"
+    )
+    on_error: Annotated[Str, check(_one_of("open", "closed"))] = Field(
+        "open", description="rate limits when the state fails: open (allow) or closed (503)"
+    )
+    replay_salts: Count = Field(
+        1_000_000, description="salts remembered in all, split evenly among the internal keys"
+    )
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateSettings:
+        if self.backend == "redis" and self.url is None:
+            raise Invalid("backend redis needs a url", at=("url",), near="backend")
+        if self.backend != "redis" and self.url is not None:
+            raise Invalid("url is only for backend redis", at=("url",))
+        return self
+
+
 class Settings(Model):
     """Everything one load read: gateway.yaml, its policy and its secret."""
 
@@ -265,6 +348,10 @@ class Settings(Model):
     body_timeout_s: Seconds = Field(15.0, description="the most time a caller has to send a body")
     audit_log: Annotated[str, PlainValidator(_audit_file)] | None = Field(
         None, description="append one JSON line per batch here (relative to this file)"
+    )
+    state: StateSettings = Field(
+        StateSettings.model_validate({}),  # frozen: one default is safe to share
+        description="replay memory and rate-limit counters: memory or redis (docs/state.md)",
     )
     _path: str = PrivateAttr("")
 

@@ -21,10 +21,12 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
     ├── RequestTimeout (408)        the body did not arrive within body_timeout_s
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
+    ├── RateLimited (429)           Retry-After, RateLimit-Policy, RateLimit (gateway/limits.py)
     ├── InternalError (500)         a fault in the gateway itself (logged with its traceback)
     ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
     ├── ShuttingDown (503)
     ├── Overloaded (503)            no upstream slot free within queue_timeout_s
+    ├── StateUnavailable (503)      the shared state (Redis) did not answer within state.timeout_s
     └── UpstreamTimeout (504)       kind: timeout
 
 Upstream's own error answers are not GatewayErrors: they pass through as they are.
@@ -143,6 +145,15 @@ class UnsupportedMediaType(GatewayError):
     code = "UnsupportedMediaType"
 
 
+class RateLimited(GatewayError):
+    status = 429
+    code = "RateLimited"
+
+    def __init__(self, message: str, *, limit: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.limit = limit  # the refusing limit's name, for gateway_rate_limited_total
+
+
 class InternalError(GatewayError):
     status = 500
     code = "InternalError"
@@ -161,6 +172,11 @@ class ShuttingDown(GatewayError):
 class Overloaded(GatewayError):
     status = 503
     code = "Overloaded"
+
+
+class StateUnavailable(GatewayError):
+    status = 503
+    code = "StateUnavailable"
 
 
 class UpstreamTimeout(GatewayError):

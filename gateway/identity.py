@@ -28,7 +28,7 @@ from multidict import MultiMapping
 from gateway.errors import Unauthorized
 from gateway.names import PRINCIPAL
 from gateway.policy import Policy
-from gateway.signing import MALFORMED, Rejected, ReplayMemory, Verifier, parse
+from gateway.signing import MALFORMED, HmacCredentials, Rejected, Verifier, parse
 
 _MAX_TOKEN_CHARS: Final = 4096
 _HMAC_REFUSALS: Final = {
@@ -45,6 +45,9 @@ class Caller:
     principal: str
     role: str
     via: str  # "token", "hmac" or "trusted-headers"
+    # An HMAC caller's verified signature: whether its salt is new is the replay
+    # memory's to say (gateway/state.py), which this pure step cannot see.
+    signed: HmacCredentials | None = None
 
 
 def identify(
@@ -92,13 +95,13 @@ def _from_authorization(value: str, policy: Policy, verifier: Verifier, now: flo
         return Caller(principal.name, principal.role, "token")
     if scheme == "hmac-sha256":
         try:
-            creds = verifier.verify(value, now)
+            creds = verifier.check(value, now)
         except Rejected as exc:
             raise Unauthorized(_hmac_reason(exc, value)) from None
         principal = policy.by_hmac_key.get(creds.api_key)
         if principal is None:  # the verifier knew the key, so the policy changed under it
             raise Unauthorized("HMAC key no longer in the policy")
-        return Caller(principal.name, principal.role, "hmac")
+        return Caller(principal.name, principal.role, "hmac", creds)
     raise Unauthorized("unsupported Authorization scheme")
 
 
@@ -110,12 +113,10 @@ def _hmac_reason(exc: Rejected, header: str) -> str:
     return reason
 
 
-def verifier_for(policy: Policy, replay: ReplayMemory | None = None) -> Verifier:
-    """A verifier for the policy's internal keys, remembering salts in ``replay``.
+def verifier_for(policy: Policy) -> Verifier:
+    """A verifier for the policy's internal keys: ``check`` only (signature, skew).
 
-    The process chooses the memory once (gateway/state.py) and passes the same one
-    to every verifier it builds, so a reload forgets no salt it has seen; without
-    one, the verifier keeps its own.
-    """
+    The salts it accepted are remembered by the process's state (gateway/state.py),
+    chosen once, so a reload forgets none of them."""
     secrets = {p.hmac_key: p.hmac_secret for p in policy.principals if p.hmac_key and p.hmac_secret}
-    return Verifier(secrets, replay=replay)
+    return Verifier(secrets)

@@ -171,9 +171,23 @@ class Metrics:
             ("principal", "route", "status"),
             registry=r,
         )
+        self.rate_limited_total = Counter(
+            "gateway_rate_limited_total",
+            "Requests refused 429 by a rate limit, by the refusing limit and route.",
+            ("limit", "route"),
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "gateway_state_errors_total",
+            "Shared-state calls that failed or timed out, by op (replay, limits).",
+            ("op",),
+            registry=r,
+        )
         # Both series exist from the start, so an alert on their increase sees the first one.
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for op in ("replay", "limits"):
+            self.state_errors.labels(op)
         # The names that get a principal label of their own; set from the policy.
         self.principals: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -200,6 +214,12 @@ class Metrics:
 
     def rejected(self, route: str, code: str) -> None:
         self._child(self.rejections, route, code).inc()
+
+    def rate_limited(self, limit: str, route: str) -> None:
+        self._child(self.rate_limited_total, limit, route).inc()
+
+    def state_error(self, op: str) -> None:
+        self._child(self.state_errors, op).inc()
 
     def batch(self, route: str, items: int) -> None:
         self._child(self.batch_items, route).observe(items)

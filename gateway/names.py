@@ -29,6 +29,7 @@ ROLE_RULE: Final = "a role is a letter then letters, digits, _ or -"
 # A route's or a limit's name: also a metrics label value.
 ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROUTE_NAME_RULE: Final = "a route name is letters, digits and ._-"
+LIMIT_NAME_RULE: Final = "a limit name is letters, digits and ._- (up to 64)"
 
 # An HTTP header name as the gateway accepts it in config (a subset of RFC 9110 tokens).
 HEADER_NAME: Final = re.compile(r"[A-Za-z0-9-]{1,64}")

@@ -15,6 +15,9 @@ Besides its ``min_role``, a route may say more about who may do what:
 
 Matching itself stays structural: ``params`` never make a route "not match".
 
+``limits:`` (gateway/limits.py) count requests or batch items per caller or
+in all, on named routes; a limit naming a route the policy lacks is an error.
+
 ``Policy`` is a frozen value read once per load (``read_policy``); every
 lookup table the hot path needs (tokens by hash, routes by exact path, role
 ranks) is built once, so a request only does dictionary lookups. Its keys are
@@ -31,6 +34,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr
 
 from gateway import yamlsource
 from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
+from gateway.limits import Limit
 from gateway.principals import Principal, Roles, TrustedHeaders
 from gateway.routes import UNMATCHED, BodyRule, Route
 from gateway.schema import Model, none_as_empty, read_text
@@ -48,6 +52,9 @@ class Policy(Model):
         None, description="identity headers honoured from trusted peers; absent = off"
     )
     routes: tuple[Route, ...] = Field(description="every route; anything else is refused")
+    limits: Annotated[tuple[Limit, ...], BeforeValidator(none_as_empty)] = Field(
+        (), description="rate limits per caller or in all (gateway/limits.py); absent = none"
+    )
     _path: str = PrivateAttr("")
 
     @property

@@ -21,7 +21,8 @@ from pydantic.fields import FieldInfo
 from yarl import URL
 
 from gateway import walk
-from gateway.config import Address, Settings
+from gateway.config import Address, Settings, StateURL
+from gateway.limits import ANY_ROUTE, Limit
 from gateway.policy import Policy
 from gateway.routes import Route
 from gateway.schema import MASKED
@@ -59,6 +60,8 @@ def _shown(value: Any, info: FieldInfo) -> str:
         return "-"
     if isinstance(value, Secret):
         return f"from {value.source}"  # never the value
+    if isinstance(value, StateURL):
+        return value.shown  # never the password
     if isinstance(value, Policy):
         return value.path
     if isinstance(value, bool):
@@ -84,7 +87,33 @@ def policy_summary(policy: Policy) -> list[str]:
         f"  {len(policy.routes)} route(s):",
     ]
     lines += [f"    {route_line(r)}" for r in policy.routes]
+    lines += [f"  {len(policy.limits)} rate limit(s):" if policy.limits else "  rate limits: none"]
+    lines += [f"    {limit_line(limit)}" for limit in policy.limits]
+    lines += [f"warning: {warning}" for warning in limit_warnings(policy)]
     return lines
+
+
+def limit_line(limit: Limit) -> str:
+    routes = "every route" if ANY_ROUTE in limit.routes else ", ".join(limit.routes)
+    return f"{limit.name}: {limit.describe()}; on {routes}"
+
+
+def limit_warnings(policy: Policy) -> list[str]:
+    """Items limits whose burst is smaller than a batch their routes allow: such a
+    batch can never pass (429 every time), which is rarely what was meant."""
+    warnings = []
+    for limit in policy.limits:
+        if limit.unit != "items":
+            continue
+        for route in policy.routes:
+            batch = route.batch
+            if batch is not None and limit.counts(route.name) and batch.max_items > limit.capacity:
+                warnings.append(
+                    f"limit {limit.name} lets {limit.capacity} items pass at once, but route "
+                    f"{route.name} allows batches of {batch.max_items}: larger batches "
+                    "than the burst can never pass"
+                )
+    return warnings
 
 
 def route_line(r: Route) -> str:
@@ -163,6 +192,7 @@ _KINDS: dict[Any, str] = {
     Address: "HOST:PORT",
     URL: "URL",
     Secret: "secret",
+    StateURL: "URL",
     Policy: "file",
     re.Pattern: "regex",
     ipaddress.IPv4Network: "CIDR",

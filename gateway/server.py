@@ -32,6 +32,7 @@ from gateway.errors import (
     InvalidPath,
     InvalidRequest,
     PayloadTooLarge,
+    RateLimited,
     RequestTimeout,
     ShuttingDown,
 )
@@ -87,7 +88,7 @@ class Gateway:
     def __init__(self, settings: Settings, metrics: Metrics, state: State | None = None) -> None:
         # The process's shared state (gateway/state.py); a lone in-memory one by default.
         self.state = state if state is not None else State.in_memory()
-        self.loaded = Loaded(settings, verifier_for(settings.policy, self.state.replay))
+        self.loaded = Loaded(settings, verifier_for(settings.policy))
         self.metrics = metrics
         self.upstream = Upstream()
         self.draining = False
@@ -95,7 +96,7 @@ class Gateway:
 
     def swap(self, settings: Settings) -> None:
         """Use a newly loaded config from the next request on."""
-        self.loaded = Loaded(settings, verifier_for(settings.policy, self.state.replay))
+        self.loaded = Loaded(settings, verifier_for(settings.policy))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -147,14 +148,20 @@ class Gateway:
         settings = loaded.settings
         policy, limit = settings.policy, settings.max_body_bytes
         decision = walk.Decision(request.method, request.raw_path)
+        now = time.time()
         try:
             walk.locate(decision, request.headers, policy)
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
-            walk.admit(decision, request.headers, entry.peer, policy, loaded.verifier, time.time())
+            walk.identify(decision, request.headers, entry.peer, policy, loaded.verifier, now)
+            # The shared state (gateway/state.py) answers what the pure walk cannot:
+            # an HMAC caller's salt before the route step, the rate limits last.
+            await self.state.remember(decision, settings, self.metrics)
+            walk.authorize(decision, policy)
             body = await read_body(request, limit, settings.body_timeout_s)
             walk.check_body(decision, request.headers, body, policy, limit)
+            await self.state.consume(decision, settings, self.metrics)
         finally:
             self._note(entry, decision)
         assert decision.route is not None  # the walk passed every step
@@ -242,6 +249,8 @@ class Gateway:
         entry.errorCode = exc.code
         entry.reason = exc.reason
         self.metrics.rejected(entry.route, exc.code)
+        if isinstance(exc, RateLimited):
+            self.metrics.rate_limited(exc.limit, entry.route)
         return error_response(exc, entry.request_id, close=self.draining)
 
     def _finish(self, entry: Entry, seconds: float) -> None:

@@ -95,8 +95,8 @@ def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
         gateway.metrics.reloads.labels("success").inc()
     moved = [
         name
-        for name in ("listen", "admin_listen")
-        if getattr(fresh, name) != getattr(started, name)
+        for name in ("listen", "admin_listen", "state")
+        if _restart_key(getattr(fresh, name)) != _restart_key(getattr(started, name))
     ]
     logs.emit(
         "reloaded",
@@ -105,6 +105,14 @@ def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
         **({"restart_needed_for": moved} if moved else {}),
     )
     return True
+
+
+def _restart_key(value: object) -> object:
+    """What of a key only a restart applies: for ``state``, where the state is kept
+    (its on_error and replay_salts apply from the next request on)."""
+    if isinstance(value, config.StateSettings):
+        return (value.backend, value.url, value.key_prefix, value.timeout_s)
+    return value
 
 
 def _reload_failed(gateway: Gateway, count: bool, errors: list[str]) -> bool:

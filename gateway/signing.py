@@ -184,8 +184,8 @@ REPLAY_FULL: Final = "replay memory full"
 class ReplayMemory(Protocol):
     """Where a verifier remembers the salts it accepted.
 
-    ``ReplayCache`` below for one process; ``gateway.replay.SharedReplayCache``
-    for the workers of ``serve --workers N``, which must all see every salt.
+    ``ReplayCache`` below, the sandbox's; the gateway's own, bounded per key and
+    shared by workers or replicas, is gateway/replay.py behind gateway/state.py.
     """
 
     def check_and_add(self, key: str, now: float) -> str | None:
@@ -250,7 +250,18 @@ class Verifier:
         self.replay: ReplayMemory = replay if replay is not None else ReplayCache(window_s)
 
     def verify(self, header: str, now: float) -> HmacCredentials:
-        """Return the verified credentials, or raise Rejected with SOLAPI's errorCode."""
+        """Return the verified credentials, or raise Rejected with SOLAPI's errorCode:
+        ``check``, then the salt recorded in this verifier's own replay memory."""
+        creds = self.check(header, now)
+        # Only a valid signature is remembered, so garbage cannot fill the memory.
+        refusal = self.replay.check_and_add(f"{creds.api_key}:{creds.salt}", now)
+        if refusal is not None:
+            raise Rejected("DuplicatedSignature", refusal)
+        return creds
+
+    def check(self, header: str, now: float) -> HmacCredentials:
+        """The signature and its date, without the replay memory: pure. The gateway
+        asks its shared replay memory afterwards (gateway/state.py)."""
         creds = parse(header)
         secret = self._secrets.get(creds.api_key)
         if secret is None:
@@ -260,8 +271,4 @@ class Verifier:
         expected = signature(secret, creds.date, creds.salt)
         if not hmac.compare_digest(expected, creds.signature):
             raise Rejected("SignatureDoesNotMatch", "signature does not match")
-        # Only a valid signature is remembered, so garbage cannot fill the memory.
-        refusal = self.replay.check_and_add(f"{creds.api_key}:{creds.salt}", now)
-        if refusal is not None:
-            raise Rejected("DuplicatedSignature", refusal)
         return creds

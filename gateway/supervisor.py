@@ -13,9 +13,10 @@ everything that must exist once:
 - SIGHUP: the supervisor validates the new config once, counts the reload
   once, and only then tells every worker to reload; if it is invalid, the
   workers only reopen their audit file (SIGUSR1);
-- the replay memory of internal HMAC signatures: one SQLite file that every
-  worker opens, in a folder removed at exit, so a replayed header is refused
-  whichever worker it reaches;
+- with ``state.backend: memory``, the replay memory of internal HMAC signatures
+  and the rate-limit buckets: one SQLite file that every worker opens, in a
+  folder removed at exit, so a replayed header is refused and a limit holds
+  whichever worker a request reaches (gateway/statefile.py);
 - SIGTERM/SIGINT: ``/readyz`` turns 503 and every worker drains on its own;
 - restarts: a worker that dies is replaced, unless workers die straight after
   starting again and again (a port taken, a broken install), when the
@@ -66,7 +67,7 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "_worker", "--config", self.settings.config_path,
-            "--replay-file", self.shared.replay_file, "--metrics-dir", self.shared.metrics_dir,
+            "--state-file", self.shared.state_file, "--metrics-dir", self.shared.metrics_dir,
             "--ready-fd", str(write_fd),
             pass_fds=(write_fd,),
         )  # fmt: skip

@@ -1,12 +1,20 @@
 """The deciding half of a request's walk: every check, and no I/O.
 
-    target → identity → route → role → params → body → rules   → "would forward"
+    target → identity → route → role → params → body → rules → limits  → "would forward"
 
     locate       the target (one Host, canonical syntax), and the route lookup
                  (its verdict waits)
-    admit        identity, the route's verdict, role, path parameters
-    check_body   the body, then the route's body rules
+    admit        identity, then ``authorize``: the route's verdict, role, path parameters
+    check_body   the body, the route's body rules, and which rate limits apply
     decide       all three in a row, for a body already in hand
+
+Two answers come from the process's shared state (gateway/state.py), which
+the walk cannot see: whether an HMAC caller's salt was used before (asked
+between ``identify`` and ``authorize``, and turned into the identity step's
+refusal by ``refuse_identity``), and whether the rate limits that apply still
+have room (asked after ``check_body``; the limits step only names them and
+what the request costs). ``explain`` says so on those two lines. A batch
+larger than a limit's burst can never pass: that refusal is the walk's own.
 
 The body is read between ``admit`` and ``check_body``, and only then: the
 live handler reads it from the socket once ``admit`` has said yes (so nobody
@@ -35,11 +43,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from multidict import MultiMapping
 
-from gateway import batch
+from gateway import batch, limits
 from gateway.errors import (
     GatewayError,
     InvalidBody,
@@ -47,13 +55,15 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from gateway.identity import Caller, identify
+from gateway.identity import Caller
+from gateway.identity import identify as identify_caller
+from gateway.limits import Charge
 from gateway.policy import UNMATCHED, Policy
 from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.target import split_target
 
-STEPS: Final = ("target", "identity", "route", "role", "params", "body", "rules")
+STEPS: Final = ("target", "identity", "route", "role", "params", "body", "rules", "limits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,7 @@ class Decision:
     route: Route | None = None
     caller: Caller | None = None
     items: list[str] | None = None  # the batch's items, once they passed validation
+    charges: list[Charge] | None = None  # the rate limits the request counts against
     steps: list[Step] = field(default_factory=list)
     error: GatewayError | None = None
     unrouted: GatewayError | None = field(default=None, repr=False)  # held for the route step
@@ -93,7 +104,7 @@ class Decision:
 
 class _Recorder:
     """The context manager behind ``Decision.step``: a plain class, because it runs
-    seven times per request and a generator-based one costs several times more."""
+    eight times per request and a generator-based one costs several times more."""
 
     __slots__ = ("decision", "detail", "name")
 
@@ -147,11 +158,41 @@ def admit(
     now: float,
 ) -> None:
     """Steps 2-4 and the path parameters, after ``locate``; raises the first refusal."""
-    path = d.path
-    assert path is not None, "admit before locate"
+    identify(d, headers, peer, policy, verifier, now)
+    authorize(d, policy)
+
+
+def identify(
+    d: Decision,
+    headers: MultiMapping[str],
+    peer: str | None,
+    policy: Policy,
+    verifier: Verifier,
+    now: float,
+) -> None:
+    """Step 2. An HMAC signature is checked here; whether its salt is new is the
+    replay memory's to say (gateway/state.py), before ``authorize``."""
     with d.step("identity") as note:
-        caller = d.caller = identify(headers, peer, policy, verifier, now)
-        note(f"{caller.principal} (role {caller.role}, via {caller.via})")
+        caller = d.caller = identify_caller(headers, peer, policy, verifier, now)
+        memory = "; a reused salt is known only to the running gateway" if caller.signed else ""
+        note(f"{caller.principal} (role {caller.role}, via {caller.via}{memory})")
+
+
+def refuse_identity(d: Decision, exc: GatewayError) -> NoReturn:
+    """The replay memory's verdict on an HMAC caller the identity step let pass:
+    the identity step refuses after all, and no later step runs."""
+    why = exc.reason or exc.message
+    d.steps[:] = [s for s in d.steps if s.name != "identity"]
+    d.steps.append(Step("identity", False, f"{exc.status} {exc.code}: {why}"))
+    d.caller = None  # not identified after all: the log names no principal
+    d.error = exc
+    raise exc
+
+
+def authorize(d: Decision, policy: Policy) -> None:
+    """Steps 3-4 and the path parameters, after ``identify``; raises the first refusal."""
+    path, caller = d.path, d.caller
+    assert path is not None and caller is not None, "authorize before identify"
     with d.step("route") as note:
         if d.unrouted is not None:
             raise d.unrouted
@@ -173,7 +214,8 @@ def check_body(
     policy: Policy,
     max_body_bytes: int,
 ) -> None:
-    """Step 5, the body, then the route's body rules; raises the first refusal.
+    """Step 5, the body, then the route's body rules and its rate limits; raises the
+    first refusal.
 
     The body is parsed (strictly, as batch bodies are) when the route has a
     ``batch``, or has ``rules`` and the body is not empty: a rule must judge
@@ -212,6 +254,17 @@ def check_body(
             note("none applies")
         else:
             note("; ".join(f"{r.when}: {caller.role} is at least {r.min_role}" for r in applied))
+    with d.step("limits") as note:
+        items = len(d.items) if d.items is not None else 0
+        found = d.charges = limits.charges(policy.limits, route.name, caller.principal, items)
+        too_big = limits.never_fits(found)
+        if too_big is not None:
+            raise limits.refusal(too_big, too_big.limit.tolerance_s)
+        if found:
+            shown = "; ".join(charge.describe() for charge in found)
+            note(f"{shown} [counted by the running gateway: whether room is left is its to say]")
+        else:
+            note("none apply")
 
 
 def decide(

@@ -722,7 +722,7 @@ def test_an_empty_policy_value_is_an_error(tmp_path: Path) -> None:
 POLICY_CASES: list[tuple[str, str, str, str, str]] = [
     # (id, old text in POLICY, new text with MARK, key path, message part)
     ("unknown-top", "routes:\n", f"rutes: []  {MARK}\nroutes:\n", "rutes",
-     "unknown key (allowed: principals, roles, routes, trusted_headers)"),
+     "unknown key (allowed: limits, principals, roles, routes, trusted_headers)"),
     ("unknown-route-key", "    min_role: MEMBER", f"    min_role: MEMBER\n    auth: none  {MARK}",
      "routes[0].auth",
      "unknown key (allowed: batch, method, min_role, name, params, path, retry, rules)"),

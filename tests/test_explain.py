@@ -85,6 +85,7 @@ def test_an_allowed_request_lists_each_step_and_would_forward(
         "  params    ok       none to check",
         f"  body      ok       recordIds: 1 valid item(s), {size} bytes",
         "  rules     ok       none",
+        "  limits    ok       none apply",
         f"would forward: POST http://127.0.0.1:8089{RESTORE}?x=1",
     ]
 
@@ -96,14 +97,15 @@ def test_a_permanent_delete_by_a_member_is_refused_at_the_rules_step(
     args = ("--config", DEMO, "POST", DELETE, "--body", body)
     code, lines = explain("--token", "demo-member-token", *args)
     assert code == 1
-    assert lines[-2] == (
+    assert lines[-3:-1] == [
         "  rules     REFUSED  403 Forbidden: Route records-bulk-delete needs role OWNER or"
-        " higher when permanent is not false."
-    )
+        " higher when permanent is not false.",
+        "  limits    -        not reached",
+    ]
     assert lines[-1] == "would refuse: 403 Forbidden"
     code, lines = explain("--token", "demo-owner-token", *args)
     assert code == 0
-    assert lines[-2] == "  rules     ok       permanent is not false: OWNER is at least OWNER"
+    assert lines[-3] == "  rules     ok       permanent is not false: OWNER is at least OWNER"
 
 
 def test_a_refusal_shows_the_reason_and_which_steps_were_not_reached(explain: Explain) -> None:
@@ -117,6 +119,7 @@ def test_a_refusal_shows_the_reason_and_which_steps_were_not_reached(explain: Ex
         "  params    -        not reached",
         "  body      -        not reached",
         "  rules     -        not reached",
+        "  limits    -        not reached",
         "would refuse: 401 Unauthorized",
     ]
 

@@ -404,6 +404,8 @@ async def test_labels_stay_bounded_whatever_the_requests(
         "principal": principals,
         "result": {"success", "failure"},
         "kind": {"connect", "timeout", "reset", "protocol"},
+        "op": {"replay", "limits"},
+        "limit": {limit.name for limit in policy.limits},
     }
     seen_methods = set()
     for (name, labels), _ in samples.items():

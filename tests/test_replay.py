@@ -1,14 +1,16 @@
-"""The replay memory shared by the workers of ``serve --workers N`` (gateway/replay.py).
+"""The replay memory (gateway/replay.py) and the file workers share (gateway/statefile.py).
 
-It must behave exactly like the in-memory ``ReplayCache`` (same answers for the
-same sequence), be atomic across real processes racing for the same salt,
-expire, stay bounded and refuse when full or broken, survive a reopen and a
-reload, and, end to end, let a replayed SDK header through once in all, not
-once per worker.
+Both refuse a reused salt, bound each internal key to its share so that one
+key cannot lock out another, forget a partition once its signatures cannot
+verify any more, and keep a salt in far less than 64 bytes. The file is
+atomic across real processes racing for the same salts, never blocks the
+event loop on a lock another worker holds, and, end to end, lets a replayed
+SDK header through once in all, not once per worker.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import multiprocessing
 import os
@@ -23,155 +25,179 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
 from support import Creds, GatewayProc, SandboxProc, poll, principal_yaml
 
 from gateway import replay
-from gateway.errors import Unauthorized
-from gateway.identity import identify, verifier_for
-from gateway.policy import Policy
-from gateway.principals import Principal
-from gateway.replay import SharedReplayCache
-from gateway.signing import (
-    REPLAY_FULL,
-    REPLAY_REUSED,
-    Rejected,
-    ReplayCache,
-    ReplayMemory,
-    Secret,
-    Verifier,
-    authorization,
-    format_date,
-    new_salt,
-)
+from gateway.replay import FULL, REUSED, ReplayMemory
+from gateway.signing import WINDOW_S, Secret, authorization, format_date, new_salt
+from gateway.statefile import StateError, StateFile
 
 HMAC_KEY = "NCSINTREPLAY0001"
 HMAC_SECRET = "replay-test-secret-0123456789"
+NOW = 1_800_000_000.0
+BIG = 10**9
 
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Iterator[str]:
-    yield str(tmp_path / "replay.sqlite3")
+    yield str(tmp_path / "state.sqlite3")
 
 
-def shared(path: str, **options: Any) -> SharedReplayCache:
-    return SharedReplayCache(path, **options)
+class FileMemory:
+    """A ``StateFile`` with ``ReplayMemory``'s call, for the shared table of tests."""
+
+    def __init__(self, path: str) -> None:
+        self.file = StateFile(path, timeout_s=5.0)
+
+    def remember(self, key: str, salt: str, signed_at: float, now: float, limit: int) -> str | None:
+        return asyncio.run(self.file.remember(key, salt, signed_at, now, limit))
 
 
-# --- the same answers as the in-memory cache -------------------------------------------------
+def memories(db_path: str) -> list[Any]:
+    return [ReplayMemory(), FileMemory(db_path)]
 
 
-@pytest.mark.parametrize("kind", ["in-memory", "shared"])
-def test_both_memories_answer_the_same_sequence_the_same(kind: str, db_path: str) -> None:
-    cache: ReplayMemory = (
-        ReplayCache(window_s=900, max_entries=3)
-        if kind == "in-memory"
-        else shared(db_path, window_s=900, max_entries=3)
-    )
-    assert cache.check_and_add("a", 0) is None
-    assert cache.check_and_add("a", 10) == REPLAY_REUSED
-    assert cache.check_and_add("b", 10) is None
-    assert cache.check_and_add("c", 10) is None
-    assert cache.check_and_add("d", 10) == REPLAY_FULL  # fails closed
-    assert cache.check_and_add("d", 1801) is None  # "a" has expired after 2 windows
-    assert cache.check_and_add("a", 1805) == REPLAY_FULL  # b, c, d still live
-    assert cache.check_and_add("a", 1811) is None  # b and c have expired too
-    assert cache.check_and_add("d", 1900) == REPLAY_REUSED
-    assert cache.check_and_add("e", 5000) is None
-
-
-def test_an_entry_lives_exactly_two_windows_after_it_was_first_seen(db_path: str) -> None:
-    cache = shared(db_path, window_s=900)
-    assert cache.check_and_add("k", 100.0) is None
-    assert cache.check_and_add("k", 100.0 + 1799.999) == REPLAY_REUSED
-    # A refused replay does not extend the entry's life.
-    assert cache.check_and_add("k", 100.0 + 1800) is None
-    assert cache.check_and_add("k", 100.0 + 1800.5) == REPLAY_REUSED
-    assert len(cache) == 1  # taken over in place, not a second row
-
-
-def test_expired_entries_are_deleted_as_new_ones_come(
-    db_path: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", [0, 1], ids=["in-process", "file"])
+def test_a_salt_is_accepted_once_and_refused_while_its_signature_could_verify(
+    kind: int, db_path: str
 ) -> None:
-    monkeypatch.setattr(replay, "_PURGE_EVERY", 10)
-    cache = shared(db_path, window_s=1)
-    for i in range(100):  # one a second: every entry expires 2 s after it came
-        assert cache.check_and_add(f"k{i}", float(i)) is None
-    assert len(cache) <= 2 + 10  # the live ones, plus at most one purge interval's worth
+    memory = memories(db_path)[kind]
+    assert memory.remember("K1", "salt-one", NOW, NOW, BIG) is None
+    assert memory.remember("K1", "salt-one", NOW, NOW + 60, BIG) == REUSED
+    assert memory.remember("K2", "salt-one", NOW, NOW, BIG) is None  # another key's salt
+    assert memory.remember("K1", "salt-two", NOW, NOW, BIG) is None
+    # Until date + window + margin it is still refused; after that the skew check
+    # would refuse the header anyway, and the memory has let it go.
+    late = NOW + WINDOW_S + replay.MARGIN_S
+    assert memory.remember("K1", "salt-one", NOW, late - replay.PARTITION_S, BIG) == REUSED
+    assert memory.remember("K1", "salt-one", NOW, late + replay.PARTITION_S + 1, BIG) is None
 
 
-def test_a_full_memory_makes_room_only_from_expired_entries(db_path: str) -> None:
-    cache = shared(db_path, window_s=10, max_entries=50)
-    for i in range(50):
-        assert cache.check_and_add(f"k{i}", 0.0) is None
-    assert cache.check_and_add("late", 19.9) == REPLAY_FULL
-    assert len(cache) == 50
-    assert cache.check_and_add("late", 20.0) is None  # all 50 expired at 20
-    assert len(cache) == 1
-
-
-def test_the_memory_survives_a_reopen_and_is_seen_by_another_connection(db_path: str) -> None:
-    first = shared(db_path)
-    assert first.check_and_add("k", 1000.0) is None
-    other = shared(db_path)  # another worker
-    assert other.check_and_add("k", 1001.0) == REPLAY_REUSED
-    first.close()
-    again = shared(db_path)
-    assert again.check_and_add("k", 1002.0) == REPLAY_REUSED
-    assert len(again) == 1
-
-
-def test_an_unusable_file_refuses_every_check_until_it_is_usable(tmp_path: Path) -> None:
-    folder = tmp_path / "not-yet"
-    cache = shared(str(folder / "replay.sqlite3"))
-    reason = cache.check_and_add("k", 0.0)
-    assert reason is not None and reason.startswith("replay memory unavailable: ")
-    folder.mkdir()
-    assert cache.check_and_add("k", 0.0) is None
-    assert cache.check_and_add("k", 1.0) == REPLAY_REUSED
-
-
-def test_a_lock_held_too_long_is_a_refusal_not_an_acceptance(
-    db_path: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", [0, 1], ids=["in-process", "file"])
+def test_a_key_that_fills_its_share_is_refused_and_the_others_are_not(
+    kind: int, db_path: str
 ) -> None:
-    monkeypatch.setattr(replay, "BUSY_TIMEOUT_S", 0.2)
-    cache = shared(db_path)
-    assert cache.check_and_add("warm", 0.0) is None
+    memory = memories(db_path)[kind]
+    for i in range(5):
+        assert memory.remember("FLOOD", f"salt-{i:04d}", NOW, NOW, 5) is None
+    assert memory.remember("FLOOD", "salt-new-000", NOW, NOW, 5) == FULL
+    assert memory.remember("FLOOD", "salt-0003", NOW, NOW, 5) == REUSED  # a replay is still one
+    assert memory.remember("QUIET", "salt-0000", NOW, NOW, 5) is None  # unaffected
+    # Once the flood's signatures expire, its share is free again.
+    later = NOW + 2 * WINDOW_S + 2 * replay.MARGIN_S + replay.PARTITION_S
+    assert memory.remember("FLOOD", "salt-new-000", later, later, 5) is None
+
+
+def test_a_salt_costs_far_less_than_64_bytes_at_many_salts() -> None:
+    memory = ReplayMemory()
+    n = 200_000
+    for i in range(n):
+        t = NOW + i * 0.004  # 250 per second, over several partitions
+        assert memory.remember("K", f"{i:032x}", t, t, BIG) is None
+    assert len(memory) == n
+    assert memory.nbytes() / n <= 64
+
+
+def test_a_partition_is_dropped_whole_once_it_cannot_verify(db_path: str) -> None:
+    memory = ReplayMemory()
+    memory.remember("K", "old-salt-0001", NOW, NOW, BIG)
+    memory.remember("K", "new-salt-0001", NOW + 600, NOW + 600, BIG)
+    assert len(memory) == 2
+    memory.remember("K", "new-salt-0002", NOW + 600, NOW + 600 + WINDOW_S, BIG)
+    assert len(memory) == 2  # the first partition went, its count with it
+
+
+# --- the file shared by workers ----------------------------------------------------------------
+
+
+def test_the_file_is_seen_by_another_connection_and_survives_a_reopen(db_path: str) -> None:
+    first, second = FileMemory(db_path), FileMemory(db_path)
+    assert first.remember("K", "salt-0001", NOW, NOW, BIG) is None
+    assert second.remember("K", "salt-0001", NOW, NOW, BIG) == REUSED
+    asyncio.run(first.file.close())
+    assert FileMemory(db_path).remember("K", "salt-0001", NOW, NOW, BIG) == REUSED
+    assert second.file.salts() == 1
+
+
+def test_a_salt_takes_less_than_64_bytes_of_the_file(db_path: str) -> None:
+    memory = FileMemory(db_path)
+
+    async def fill() -> None:
+        for i in range(50_000):
+            t = NOW + i * 0.01
+            assert await memory.file.remember("K", f"{i:032x}", t, t, BIG) is None
+
+    asyncio.run(fill())
+    asyncio.run(memory.file.close())  # checkpoints the log into the file
+    assert os.path.getsize(db_path) / 50_000 <= 64
+
+
+async def test_a_lock_held_by_another_worker_waits_without_blocking_the_loop(
+    db_path: str,
+) -> None:
+    memory = StateFile(db_path, timeout_s=0.3)
+    assert await memory.remember("K", "salt-0001", NOW, NOW, BIG) is None
     holder = sqlite3.connect(db_path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # another process sitting on the write lock
-    try:
-        started = time.monotonic()
-        reason = cache.check_and_add("k", 1.0)
-        waited = time.monotonic() - started
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert reason == "replay memory unavailable: database is locked"
-    assert 0.2 <= waited < 1.0
-    assert cache.check_and_add("k", 2.0) is None  # nothing was recorded by the refusal
+    holder.execute("BEGIN IMMEDIATE")  # another worker, stuck mid-write
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    started = time.monotonic()
+    with pytest.raises(StateError, match="locked"):
+        await memory.remember("K", "salt-0002", NOW, NOW, BIG)
+    waited = time.monotonic() - started
+    ticker.cancel()
+    assert 0.3 <= waited < 5  # its own timeout, not SQLite's busy handler
+    assert ticks >= 5  # the loop kept running all along
+    holder.execute("ROLLBACK")
+    assert await memory.remember("K", "salt-0002", NOW, NOW, BIG) is None  # recovered
+    holder.close()
 
 
-def test_a_corrupt_file_is_a_refusal(db_path: str) -> None:
-    Path(db_path).write_bytes(b"not a database, " * 512)
-    reason = shared(db_path).check_and_add("k", 0.0)
-    assert reason is not None and reason.startswith("replay memory unavailable: ")
+async def test_an_unusable_file_fails_the_check_until_it_is_usable(tmp_path: Path) -> None:
+    folder = tmp_path / "missing"
+    memory = StateFile(str(folder / "state.sqlite3"), timeout_s=0.5)
+    with pytest.raises(StateError):
+        await memory.remember("K", "salt-0001", NOW, NOW, BIG)
+    folder.mkdir()
+    assert await memory.remember("K", "salt-0001", NOW, NOW, BIG) is None
 
 
-# --- atomic across processes -----------------------------------------------------------------
+def test_no_module_of_the_gateway_sleeps_on_its_event_loop() -> None:
+    """``time.sleep`` stalls every request of a worker: waits are ``await asyncio.sleep``."""
+    package = Path(__file__).parent.parent / "gateway"
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "sleep":
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "time"), path
+
 
 RACERS = 6
-RACE_KEYS = 150
+RACE_SALTS = 150
 
 
 def race(path: str, barrier: Any, results: Any, index: int) -> None:
-    """One worker: open the file when all start, then claim every key in a shuffled order."""
-    cache = SharedReplayCache(path)
-    keys = [f"{HMAC_KEY}:salt{k:06d}" for k in range(RACE_KEYS)]
-    order = sorted(keys, key=lambda k: hash((k, index)))
+    """One worker: open the file when all start, then claim every salt in a shuffled order."""
+    memory = StateFile(path, timeout_s=10.0)
+    salts = [f"salt{k:06d}" for k in range(RACE_SALTS)]
+    order = sorted(salts, key=lambda k: hash((k, index)))
     barrier.wait()
-    won = [key for key in order if cache.check_and_add(key, 1000.0) is None]
-    refused = Counter(cache.check_and_add(key, 1000.0) for key in order if key not in won)
-    results.put((index, won, dict(refused)))
+
+    async def claim() -> tuple[list[str], dict[str | None, int]]:
+        won = [s for s in order if await memory.remember(HMAC_KEY, s, NOW, NOW, BIG) is None]
+        refused = Counter(
+            [await memory.remember(HMAC_KEY, s, NOW, NOW, BIG) for s in order if s not in won]
+        )
+        return won, dict(refused)
+
+    won, refused = asyncio.run(claim())
+    results.put((index, won, refused))
 
 
 def test_processes_racing_for_the_same_salts_accept_each_exactly_once(db_path: str) -> None:
@@ -181,60 +207,19 @@ def test_processes_racing_for_the_same_salts_accept_each_exactly_once(db_path: s
     procs = [ctx.Process(target=race, args=(db_path, barrier, results, i)) for i in range(RACERS)]
     for proc in procs:
         proc.start()
-    outcomes = [results.get(timeout=30) for _ in procs]
+    outcomes = [results.get(timeout=60) for _ in procs]
     for proc in procs:
         proc.join(10)
         assert proc.exitcode == 0
-    wins = Counter(key for _, won, _ in outcomes for key in won)
-    assert len(wins) == RACE_KEYS and set(wins.values()) == {1}  # exactly one winner each
-    assert all(set(refused) <= {REPLAY_REUSED} for _, _, refused in outcomes)
-    assert len(shared(db_path)) == RACE_KEYS
-
-
-# --- the verifier and reloads ----------------------------------------------------------------
+    wins = Counter(salt for _, won, _ in outcomes for salt in won)
+    assert len(wins) == RACE_SALTS and set(wins.values()) == {1}  # exactly one winner each
+    assert all(set(refused) <= {REUSED} for _, _, refused in outcomes)
+    assert StateFile(db_path, 1.0).salts() == RACE_SALTS
 
 
 def sdk_header(salt: str | None = None) -> str:
     date = format_date(datetime.now(UTC))
     return authorization(HMAC_KEY, Secret(HMAC_SECRET), date, salt or new_salt())
-
-
-def policy() -> Policy:
-    sdk = Principal(
-        name="sdk-svc", role="MEMBER", hmac_key=HMAC_KEY, hmac_secret=Secret(HMAC_SECRET)
-    )
-    return Policy(roles=("VIEWER", "MEMBER", "OWNER"), principals=(sdk,), routes=())
-
-
-def test_two_workers_verifiers_share_one_memory_and_keep_it_across_reloads(db_path: str) -> None:
-    rules = policy()
-    # Each worker opens the one file its supervisor named (gateway/state.py).
-    worker_a = verifier_for(rules, SharedReplayCache(db_path))
-    worker_b = verifier_for(rules, SharedReplayCache(db_path))
-    header = CIMultiDict({"Authorization": sdk_header()})
-    identify(header, None, rules, worker_a, time.time())
-    assert "hmac reused (DuplicatedSignature)" in refusal(header, rules, worker_b)
-    reloaded = verifier_for(rules, worker_b.replay)  # SIGHUP in worker b
-    assert reloaded.replay is worker_b.replay
-    assert "hmac reused (DuplicatedSignature)" in refusal(header, rules, reloaded)
-
-
-def refusal(headers: CIMultiDict[str], rules: Policy, verifier: Verifier) -> str:
-    with pytest.raises(Unauthorized) as err:
-        identify(headers, None, rules, verifier, time.time())
-    return err.value.reason or ""
-
-
-def test_an_invalid_signature_is_never_recorded(db_path: str) -> None:
-    memory = shared(db_path)
-    good = Verifier({HMAC_KEY: Secret(HMAC_SECRET)}, replay=memory)
-    forged = Verifier({HMAC_KEY: Secret("another-secret-entirely")}, replay=memory)
-    header = sdk_header()
-    with pytest.raises(Rejected, match="signature does not match"):
-        forged.verify(header, time.time())
-    assert len(memory) == 0
-    good.verify(header, time.time())
-    assert len(memory) == 1
 
 
 # --- end to end: serve --workers 3 -------------------------------------------------------------
@@ -292,14 +277,14 @@ async def test_a_replayed_sdk_header_is_accepted_once_by_all_workers_together(
     workers_gateway: tuple[GatewayProc, Path], sandbox: SandboxProc
 ) -> None:
     gateway, scratch = workers_gateway
-    (replay_dir,) = scratch.glob("solapi-gateway-replay-*")
+    (state_dir,) = scratch.glob("solapi-gateway-state-*")
     header = sdk_header()
 
     before = sandbox.count()
     statuses = await send_on_new_connections(gateway, header, SENDS)
     assert sorted(statuses) == [200] + [401] * (SENDS - 1)
     assert sandbox.count() == before + 1  # forwarded exactly once
-    assert (replay_dir / "replay.sqlite3").exists()
+    assert (state_dir / "state.sqlite3").exists()
     await poll(lambda: len(reasons(gateway)) >= SENDS - 1)
     refused = reasons(gateway)
     assert len(refused) == SENDS - 1
@@ -321,6 +306,6 @@ async def test_a_replayed_sdk_header_is_accepted_once_by_all_workers_together(
     assert sandbox.count() == before + 2
 
     assert gateway.proc.stop(signal.SIGTERM) == 0
-    assert not replay_dir.exists()  # the supervisor removed it
+    assert not state_dir.exists()  # the supervisor removed it
     assert list(scratch.iterdir()) == []  # and its metrics folder too
     assert gateway.events()  # every stderr line parses as JSON: no worker wrote a traceback

@@ -32,7 +32,7 @@ def test_every_config_key_is_in_the_summary_with_defaults_marked() -> None:
     text = report.summary(settings)
     shown = {line.split()[0] for line in text.splitlines()[1:] if line.startswith("  ")}
     for key in keys(Settings):
-        nested = key in ("upstream", "credentials")
+        nested = key in ("upstream", "credentials", "state")
         assert nested or key in shown, key
     assert "  workers" in text and "1  (default)" in text
 

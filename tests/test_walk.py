@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from support import policy_from_text, principal_yaml, token_principals
 
 from gateway import signing, walk
+from gateway.errors import Unauthorized
 from gateway.identity import verifier_for
 from gateway.policy import Policy
 from gateway.signing import Secret, Verifier
@@ -198,10 +199,10 @@ def test_the_route_is_named_for_logs_and_metrics_even_when_identity_fails(
 def test_a_rule_that_applies_is_named_in_the_rules_step(policy: Policy) -> None:
     d = decide(policy, "POST", DELETE, "OWNER", b'{"recordIds": ["a"], "permanent": true}')
     assert d.would_forward
-    assert d.steps[-1].detail == "permanent is not false: OWNER is at least OWNER"
+    assert d.steps[-2].detail == "permanent is not false: OWNER is at least OWNER"
     d = decide(policy, "POST", DELETE, "MEMBER", b'{"recordIds": ["a"], "permanent": false}')
     assert d.would_forward
-    assert d.steps[-1].detail == "none applies"
+    assert d.steps[-2].detail == "none applies"
 
 
 def test_locate_admit_check_body_is_what_decide_does(policy: Policy) -> None:
@@ -233,7 +234,9 @@ def sdk_header(secret: str = SDK_SECRET, key: str = SDK_KEY, skew_s: float = 0) 
 def test_an_internal_key_identifies_its_principal(policy: Policy) -> None:
     d = decide(policy, "GET", TRASH, None, Authorization=sdk_header())
     assert d.would_forward
-    assert d.steps[1].detail == "sdk-svc (role MEMBER, via hmac)"
+    assert d.steps[1].detail == (
+        "sdk-svc (role MEMBER, via hmac; a reused salt is known only to the running gateway)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -269,12 +272,15 @@ def test_a_skew_of_14_minutes_is_accepted(policy: Policy, skew_s: float) -> None
     assert d.would_forward, d.steps
 
 
-def test_a_replayed_internal_signature_is_refused(policy: Policy) -> None:
-    verifier = verifier_for(policy)
-    header = sdk_header()
-    first = decide(policy, "GET", TRASH, None, verifier=verifier, Authorization=header)
-    again = decide(policy, "GET", TRASH, None, verifier=verifier, Authorization=header)
-    assert first.would_forward
-    assert again.error is not None and again.error.code == "Unauthorized"
-    assert again.error.reason is not None
-    assert again.error.reason.startswith("hmac reused (DuplicatedSignature)")
+def test_the_replay_memorys_refusal_becomes_the_identity_steps(policy: Policy) -> None:
+    # The walk cannot see the replay memory: the server asks it between identify
+    # and authorize, and a refusal turns the identity step into a 401.
+    d = walk.Decision("GET", TRASH)
+    headers = CIMultiDict({"Authorization": sdk_header(), "Host": "gw"})
+    walk.locate(d, headers, policy)
+    walk.identify(d, headers, None, policy, verifier_for(policy), time.time())
+    with pytest.raises(Unauthorized):
+        walk.refuse_identity(d, Unauthorized("hmac reused (DuplicatedSignature): ..."))
+    assert d.error is not None and d.error.code == "Unauthorized"
+    assert [(s.name, s.ok) for s in d.steps] == [("target", True), ("identity", False)]
+    assert not d.would_forward
