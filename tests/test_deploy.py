@@ -484,14 +484,12 @@ def restore(port: int, token: str, record_id: str) -> tuple[int, bytes]:
         conn.close()
 
 
-# --- the README's production section --------------------------------------------------------------
+# --- the deployment and operations pages ---------------------------------------------------------
 
 
 def production_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Running in production")
-    end = readme.find("\n## ", start + 1)
-    return readme[start : end if end != -1 else None]
+    pages = ("deployment.md", "operations.md", "metrics.md")
+    return "\n".join((REPO / "docs" / page).read_text() for page in pages)
 
 
 def test_the_production_section_names_only_files_and_metrics_that_exist() -> None:
