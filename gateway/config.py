@@ -10,6 +10,15 @@ either returns a complete ``Settings`` or raises ``ConfigError`` listing every
 problem as ``FILE:LINE: key.path: message``. A reload builds a new object and
 swaps one reference, so a request sees either the old set or the new one.
 
+Two commands need less than everything, and load less (``skip``):
+``explain`` and ``token new`` never sign, so they leave ``credentials`` (and an
+internal key's unset ``hmac_secret``) unresolved and can run on a laptop or in
+CI without the real key; ``sign`` reads no policy file.
+
+``Settings.warnings`` lists what loads but is probably a mistake (an empty
+``principals``, a placeholder token hash...): ``check-config`` prints them and
+the gateway logs them, and neither refuses to run.
+
 Paths inside the config are relative to the config file. Strings marked ``${VAR}``
 below are taken from the environment; an unset one is an error.
 """
@@ -27,6 +36,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -59,6 +69,10 @@ from gateway.signing import Secret, Signer
 from gateway.yamlsource import ConfigError, Problem
 
 __all__ = ["DEFAULT_CONFIG", "Address", "ConfigError", "Settings", "load", "parse_address"]
+
+# What a load may leave out (``load(skip=...)``).
+CREDENTIALS: Final = "credentials"
+POLICY_FILE: Final = "policy"
 
 DEFAULT_CONFIG: Final = "config/gateway.yaml"
 
@@ -194,13 +208,22 @@ class Credentials(Model):
         return Signer(self.api_key, secret)
 
 
+def _skipped(info: ValidationInfo) -> frozenset[str]:
+    skip: frozenset[str] = context(info).get("skip", frozenset())
+    return skip
+
+
 def _policy_file(value: object, info: ValidationInfo) -> Policy:
     if isinstance(value, Policy):
         return value
     name = text(expand_env(value))
     if not name:
         raise Invalid("is empty")
-    policy, problems = read_policy(resolve(info, name))
+    if POLICY_FILE in _skipped(info):  # `sign`: an empty policy, never consulted
+        empty = Policy.model_construct(roles=(), principals=(), trusted_headers=None, routes=())
+        empty._path = resolve(info, name)
+        return empty
+    policy, problems = read_policy(resolve(info, name), secrets=CREDENTIALS not in _skipped(info))
     if policy is None:
         context(info).setdefault("problems", []).extend(problems)
         raise Reported()
@@ -268,6 +291,18 @@ class Settings(Model):
     )
     _path: str = PrivateAttr("")
 
+    @field_validator("credentials", mode="wrap")
+    @classmethod
+    def _unless_skipped(
+        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Credentials:
+        if CREDENTIALS in _skipped(info):  # explain, token new: nothing is signed
+            return Credentials.model_construct(
+                api_key="(not loaded)", api_secret=None, api_secret_file=None
+            )
+        credentials: Credentials = handler(value)
+        return credentials
+
     @field_validator("admin_listen")
     @classmethod
     def _apart(cls, admin: Address, info: ValidationInfo) -> Address:
@@ -316,9 +351,24 @@ class Settings(Model):
         """Where the secret came from ("file PATH" or "environment"): never its value."""
         return self.signer.secret.source
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What loads but is probably a mistake, each as ``FILE: key.path: message``.
 
-def load(config_path: str = DEFAULT_CONFIG) -> Settings:
-    """Read the config, its policy and its secret; ConfigError lists every problem."""
+        ``check-config`` prints them (exit 0) and ``serve`` logs them at start and
+        at every reload. A check of the config's own keys goes here; one of the
+        policy's goes in ``Policy.warnings``.
+        """
+        return self.policy.warnings
+
+
+def load(config_path: str = DEFAULT_CONFIG, *, skip: frozenset[str] = frozenset()) -> Settings:
+    """Read the config, its policy and its secret; ConfigError lists every problem.
+
+    ``skip``: ``CREDENTIALS`` leaves the signing credentials (and unset internal-key
+    secrets) unresolved, for commands that never sign; ``POLICY_FILE`` reads no
+    policy (an empty one stands in), for ``sign``.
+    """
     try:
         config_text = read_text(config_path)
     except Invalid as exc:
@@ -326,7 +376,9 @@ def load(config_path: str = DEFAULT_CONFIG) -> Settings:
     doc = yamlsource.read(config_path, config_text)
     others: list[Problem] = []  # the policy file's own
     base = os.path.dirname(config_path)
-    settings = yamlsource.validate(Settings, doc, {"base": base, "problems": others})
+    settings = yamlsource.validate(
+        Settings, doc, {"base": base, "problems": others, "skip": skip}
+    )
     problems = doc.problems + others
     if settings is None or problems:
         raise ConfigError(problems)

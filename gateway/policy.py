@@ -55,6 +55,23 @@ class Policy(Model):
         """The file it was read from, as the config names it."""
         return self._path
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What loads but is probably a mistake (see ``Settings.warnings``)."""
+        found = []
+        if not self.principals:
+            who = "only trusted headers" if self.trusted_headers else "nobody: every request is 401"
+            found.append(f"{self.path}: principals: none listed, so {who} can identify a caller")
+        for i, principal in enumerate(self.principals):
+            digest = principal.token_sha256
+            if digest is not None and len(set(digest)) == 1:
+                found.append(
+                    f"{self.path}: principals[{i}].token_sha256: {digest[:8]}… is a placeholder"
+                    f" no token hashes to ({principal.name} cannot call); mint one with"
+                    " `solapi-gateway token new`"
+                )
+        return tuple(found)
+
     @cached_property
     def rank(self) -> Mapping[str, int]:
         return {role: i for i, role in enumerate(self.roles)}
@@ -147,16 +164,23 @@ def _segments_match(template: tuple[str | None, ...], segments: list[str]) -> bo
     return True
 
 
-def parse_policy(text: str, name: str = "policy.yaml") -> tuple[Policy | None, list[Problem]]:
-    """A policy from its YAML text: the Policy, or None and every problem found."""
+def parse_policy(
+    text: str, name: str = "policy.yaml", *, secrets: bool = True
+) -> tuple[Policy | None, list[Problem]]:
+    """A policy from its YAML text: the Policy, or None and every problem found.
+
+    ``secrets=False``: an internal key's ``hmac_secret`` whose ``${VAR}`` is unset
+    stands in as a secret no signature matches (for commands that never verify one
+    for real, such as ``explain`` on a laptop).
+    """
     doc = yamlsource.read(name, text)
-    policy = yamlsource.validate(Policy, doc, {})
+    policy = yamlsource.validate(Policy, doc, {"secrets": secrets})
     if policy is not None and not doc.problems:
         policy._path = name
         return policy, []
     return None, doc.problems
 
 
-def read_policy(path: str) -> tuple[Policy | None, list[Problem]]:
+def read_policy(path: str, *, secrets: bool = True) -> tuple[Policy | None, list[Problem]]:
     """``parse_policy`` of a file; a file that cannot be read raises ``Invalid``."""
-    return parse_policy(read_text(path), path)
+    return parse_policy(read_text(path), path, secrets=secrets)
