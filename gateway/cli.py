@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    return _run(demo.run(settings))
+    return _run(demo.run(settings, args.log_file))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -294,9 +294,14 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-dir", required=True)
     worker.add_argument("--ready-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
-    with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG).set_defaults(
-        func=cmd_demo
+    demo_cmd = with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG)
+    demo_cmd.add_argument(
+        "--log-file",
+        default=demo.DEMO_LOG,
+        help="where log lines go once the curl lines are printed ('-': stderr;"
+        " default %(default)s)",
     )
+    demo_cmd.set_defaults(func=cmd_demo)
     sb = sub.add_parser("sandbox", help="run only the SOLAPI-compatible sandbox upstream")
     sb.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default %(default)s)")
     sb.add_argument("--api-key", default=demo.DEMO_API_KEY, help="accepted key (default: demo)")

@@ -376,9 +376,7 @@ def load(config_path: str = DEFAULT_CONFIG, *, skip: frozenset[str] = frozenset(
     doc = yamlsource.read(config_path, config_text)
     others: list[Problem] = []  # the policy file's own
     base = os.path.dirname(config_path)
-    settings = yamlsource.validate(
-        Settings, doc, {"base": base, "problems": others, "skip": skip}
-    )
+    settings = yamlsource.validate(Settings, doc, {"base": base, "problems": others, "skip": skip})
     problems = doc.problems + others
     if settings is None or problems:
         raise ConfigError(problems)

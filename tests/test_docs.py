@@ -116,7 +116,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     while len(set(ports.values())) < len(ports):
         ports = {name: free_port() for name in DEMO_PORTS.values()}
     config = demo_config(home, ports["listen"], ports["admin"], ports["upstream"])
-    proc = Proc("demo", [cli(), "demo", "--config", str(config)], home / "demo.stderr")
+    command = [cli(), "demo", "--config", str(config), "--log-file", "-"]
+    proc = Proc("demo", command, home / "demo.stderr")
     proc.wait_ready(lambda: http_request("GET", ports["admin"], "/readyz")[0] == 200)
     yield Demo(ports, proc)
     proc.kill()
