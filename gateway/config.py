@@ -25,16 +25,20 @@ below are taken from the environment; an unset one is an error.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Final
 
+from annotated_types import Ge, Le
 from pydantic import (
+    AllowInfNan,
     Field,
     PlainValidator,
     PrivateAttr,
+    Strict,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -47,6 +51,7 @@ from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
     MASKED,
+    Bool,
     Count,
     EnvStr,
     Invalid,
@@ -136,6 +141,39 @@ def _origin(value: str) -> URL:
 
 
 AddressField = Annotated[Address, plain(_address, env=True, keep=Address)]
+
+
+def _collector(value: str) -> URL:
+    """An OTLP/HTTP collector: ``http(s)://HOST[:PORT]`` (spans go to ``/v1/traces``
+    there), or the full URL of its traces endpoint when a path is given."""
+    shape = "must be http(s)://HOST[:PORT][/PATH]"
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise Invalid(f"{shape}: {'it has no scheme' if not sep else f'the scheme is {scheme!r}'}")
+    try:
+        url = URL(value)
+        port = url.port
+    except ValueError:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535") from None
+    if not url.host:
+        raise Invalid(f"{shape}: it names no host")
+    if url.user is not None or url.password is not None:
+        raise Invalid(f"{shape}: it must not hold a user or password")
+    if port is not None and not 0 < port < 65536:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
+    return url if url.path not in ("", "/") else url.with_path("/v1/traces")
+
+
+class TracingSettings(Model):
+    otlp_endpoint: Annotated[URL, plain(_collector, env=True, keep=URL)] = Field(
+        description="the OTLP/HTTP collector spans are sent to, e.g. http://collector:4318 ${VAR}"
+    )
+    service_name: Annotated[Str, matching(names.SERVICE_NAME, names.SERVICE_NAME_RULE)] = Field(
+        "solapi-gateway", description="service.name of every span"
+    )
+    sample_ratio: Annotated[float, Strict(), AllowInfNan(False), Ge(0), Le(1)] = Field(
+        1.0, description="share of new traces recorded (an incoming sampled flag is followed)"
+    )
 
 
 class UpstreamSettings(Model):
@@ -244,7 +282,7 @@ def _audit_file(value: object, info: ValidationInfo) -> str:
     name = text(expand_env(value))
     if not name:
         raise Invalid("is empty")
-    path = resolve(info, name)
+    path = resolve(info, name, output=True)  # written, not read: no reason to reload
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise Invalid(f"{path} is a folder, not a file")
@@ -289,7 +327,15 @@ class Settings(Model):
     audit_log: Annotated[str, PlainValidator(_audit_file)] | None = Field(
         None, description="append one JSON line per batch here (relative to this file)"
     )
+    tracing: TracingSettings | None = Field(
+        None, description="export spans over OTLP/HTTP; absent = off (traceparent still passes)"
+    )
+    reload_on_change: Bool = Field(
+        False, description="reload as on SIGHUP when a file the config was read from changes"
+    )
     _path: str = PrivateAttr("")
+    _sha256: str = PrivateAttr("")
+    _files: tuple[str, ...] = PrivateAttr(())
 
     @field_validator("credentials", mode="wrap")
     @classmethod
@@ -343,6 +389,18 @@ class Settings(Model):
         return self.policy.path
 
     @property
+    def config_sha256(self) -> str:
+        """SHA-256 of the config file's bytes as this load read them."""
+        return self._sha256
+
+    def watched_files(self) -> tuple[str, ...]:
+        """Every file this load read: the config, and each file a key of it names (the
+        policy, the secret file, certificates...), as given. A change to any of them is
+        a change to the running set (``reload_on_change``). Collected as the keys are
+        validated (``schema.resolve``), so a new file-valued key joins by itself."""
+        return (self._path, *self._files)
+
+    @property
     def signer(self) -> Signer:
         return self.credentials.signer
 
@@ -376,9 +434,14 @@ def load(config_path: str = DEFAULT_CONFIG, *, skip: frozenset[str] = frozenset(
     doc = yamlsource.read(config_path, config_text)
     others: list[Problem] = []  # the policy file's own
     base = os.path.dirname(config_path)
-    settings = yamlsource.validate(Settings, doc, {"base": base, "problems": others, "skip": skip})
+    files: list[str] = []
+    settings = yamlsource.validate(
+        Settings, doc, {"base": base, "problems": others, "skip": skip, "files": files}
+    )
     problems = doc.problems + others
     if settings is None or problems:
         raise ConfigError(problems)
     settings._path = config_path
+    settings._sha256 = hashlib.sha256(config_text.encode()).hexdigest()
+    settings._files = tuple(dict.fromkeys(files))
     return settings

@@ -23,6 +23,7 @@ declared here and in ``gateway/principals.py`` and ``gateway/routes.py``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any
@@ -49,11 +50,17 @@ class Policy(Model):
     )
     routes: tuple[Route, ...] = Field(description="every route; anything else is refused")
     _path: str = PrivateAttr("")
+    _sha256: str = PrivateAttr("")
 
     @property
     def path(self) -> str:
         """The file it was read from, as the config names it."""
         return self._path
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the policy file's bytes as they were read."""
+        return self._sha256
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -177,6 +184,7 @@ def parse_policy(
     policy = yamlsource.validate(Policy, doc, {"secrets": secrets})
     if policy is not None and not doc.problems:
         policy._path = name
+        policy._sha256 = hashlib.sha256(text.encode()).hexdigest()
         return policy, []
     return None, doc.problems
 

@@ -488,7 +488,7 @@ def restore(port: int, token: str, record_id: str) -> tuple[int, bytes]:
 
 
 def production_section() -> str:
-    pages = ("deployment.md", "operations.md", "metrics.md")
+    pages = ("deployment.md", "operations.md")  # metrics.md: tests/test_observability.py
     return "\n".join((REPO / "docs" / page).read_text() for page in pages)
 
 

@@ -5,8 +5,8 @@ The conventions (docs/development.md, "Docs whose commands are run"):
 - ```sh blocks run with ``bash -euo pipefail`` and must exit 0; ```console blocks
   run each ``$ `` line and must print exactly the lines that follow it; ```python
   blocks run with this interpreter. All of them run against one demo started on
-  free ports, from a scratch folder holding the repository's ``config/``,
-  ``deploy/`` and ``.venv/``.
+  free ports (and its log file), from a scratch folder holding the
+  repository's ``config/``, ``deploy/`` and ``.venv/``.
 - An HTML comment right before a block: ``<!-- not run: why -->``,
   ``<!-- expect: TEXT -->`` (repeatable), ``<!-- env: NAME=VALUE ... -->``.
 
@@ -34,6 +34,7 @@ PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
 RUNNABLE = ("sh", "console", "python")
 # The demo's addresses as the docs write them; a block gets the test demo's instead.
 DEMO_PORTS = {"8080": "listen", "9090": "admin", "8089": "upstream"}
+DEMO_LOG = "/tmp/solapi-gateway-demo.log"  # likewise its log file
 BLOCK_TIMEOUT_S = 60
 
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
@@ -102,11 +103,12 @@ def all_blocks() -> Iterator[Block]:
 class Demo:
     ports: dict[str, int]
     proc: Proc
+    log: Path
 
     def localise(self, text: str) -> str:
         for port, name in DEMO_PORTS.items():
             text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{self.ports[name]}")
-        return text
+        return text.replace(DEMO_LOG, str(self.log))
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +118,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     while len(set(ports.values())) < len(ports):
         ports = {name: free_port() for name in DEMO_PORTS.values()}
     config = demo_config(home, ports["listen"], ports["admin"], ports["upstream"])
-    command = [cli(), "demo", "--config", str(config), "--log-file", "-"]
+    log = home / "demo.log"
+    command = [cli(), "demo", "--config", str(config), "--log-file", str(log)]
     proc = Proc("demo", command, home / "demo.stderr")
     proc.wait_ready(lambda: http_request("GET", ports["admin"], "/readyz")[0] == 200)
-    yield Demo(ports, proc)
+    yield Demo(ports, proc, log)
     proc.kill()
 
 
