@@ -8,7 +8,9 @@ The conventions (docs/development.md, "Docs whose commands are run"):
   free ports (and its log file), from a scratch folder holding the
   repository's ``config/``, ``deploy/`` and ``.venv/``.
 - An HTML comment right before a block: ``<!-- not run: why -->``,
-  ``<!-- expect: TEXT -->`` (repeatable), ``<!-- env: NAME=VALUE ... -->``.
+  ``<!-- expect: TEXT -->`` (repeatable), ``<!-- env: NAME=VALUE ... -->``,
+  ``<!-- needs: TOOL ... -->`` (system tools: the block is left out where one is
+  missing, except in CI, which installs them).
 
 And: every fence names its language; every docs page is linked from README.md or
 docs/README.md; every relative link leads to a file, and to a heading that exists;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,7 +42,7 @@ BLOCK_TIMEOUT_S = 60
 
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 _DIRECTIVE = re.compile(
-    r"^\s*<!--\s*(?P<name>not run|expect|env)\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$"
+    r"^\s*<!--\s*(?P<name>not run|expect|env|needs)\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$"
 )
 
 
@@ -53,6 +56,7 @@ class Block:
     why_not: str = ""
     expect: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    needs: list[str] = field(default_factory=list)  # system tools (.ci/run installs them)
 
     def __str__(self) -> str:
         return f"{self.page.relative_to(REPO)}:{self.line}"
@@ -85,6 +89,8 @@ def blocks(page: Path) -> list[Block]:
                 block.expect.append(arg)
             elif name == "env":
                 block.env.update(pair.split("=", 1) for pair in shlex.split(arg))
+            elif name == "needs":
+                block.needs += arg.split()
             j -= 1
         found.append(block)
         i += 1
@@ -186,6 +192,9 @@ def run_console(block: Block, text: str, env: dict[str, str], cwd: Path) -> str:
 def test_every_pasteable_block_runs(page: Path, demo: Demo, scratch: Path) -> None:
     for block in blocks(page):
         if not block.run or block.lang not in RUNNABLE:
+            continue
+        missing = [tool for tool in block.needs if shutil.which(tool) is None]
+        if missing and not os.environ.get("CI"):  # CI installs them: there it fails below
             continue
         output = run_block(block, demo, scratch)
         for wanted in block.expect:
