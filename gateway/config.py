@@ -216,7 +216,17 @@ def _secret_file(value: object, info: ValidationInfo) -> Secret:
     if not name:
         raise Invalid("is empty")
     path = resolve(info, name)
-    secret = read_text(path).strip()  # surrounding whitespace and the newline go
+    try:
+        secret = read_text(path).strip()  # surrounding whitespace and the newline go
+    except Invalid as exc:
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            # Typically a 0600 file of the host's user, mounted into the image (uid 10001).
+            uid, gid = os.getuid(), os.getgid()
+            raise Invalid(
+                f"{exc.message}: the gateway runs as uid {uid} (gid {gid});"
+                f" make the file readable by it, e.g. chgrp {gid} and chmod 0640"
+            ) from None
+        raise
     if not secret:
         raise Invalid("the secret is empty")
     return Secret(secret, f"file {path}")
