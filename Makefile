@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test setup lint unit e2e bench soak lock clean docs
+.PHONY: run test setup lint unit e2e bench soak lock clean docs dist
 
 run: $(STAMP)  ## the demo: sandbox upstream + gateway, prints curl lines
 	$(BIN)/solapi-gateway demo
@@ -45,10 +45,14 @@ soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat
 docs: $(STAMP)  ## regenerate the key tables of docs/config.md from the schema
 	$(BIN)/python -m gateway.report docs/config.md
 
+dist: $(STAMP)  ## the wheel and sdist of this version, into dist/ (python -m build)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
 lock:  ## re-pin every dependency after changing pyproject.toml
 	rm -rf /tmp/sgw-lock && $(PYTHON) -m venv /tmp/sgw-lock
 	/tmp/sgw-lock/bin/pip install -q -e '.[test,bench]'
 	/tmp/sgw-lock/bin/pip freeze --exclude-editable | grep -v '^solapi-gateway' > requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis dist

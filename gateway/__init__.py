@@ -1,3 +1,3 @@
 """solapi-gateway: the auth-signing gateway in front of the SOLAPI API."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

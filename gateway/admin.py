@@ -1,20 +1,23 @@
-"""The admin port: ``/healthz``, ``/readyz`` and ``/metrics``, never on the proxy port.
+"""The admin port: ``/healthz``, ``/readyz``, ``/metrics`` and ``/status``, never on the
+proxy port.
 
     GET /healthz   200 {"status": "ok"} while the process runs
     GET /readyz    200 {"status": "ready"}, or 503 {"status": "draining"} while the
                    process is not (or no longer) taking traffic
     GET /metrics   Prometheus text (summed over the workers under a supervisor)
+    GET /status    JSON: version, config and policy SHA-256, when they were loaded,
+                   the last reload's result, the workers (gateway/status.py)
 
 The app knows the process only through one ``View``: whoever runs the admin port
 (a lone gateway, or the supervisor of ``serve --workers N``) says what it shows.
-A page that reports more about the process (a ``/status``) is one more field
-there and one more handler here. Admin requests are not counted in the metrics.
+Admin requests are not counted in the metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -28,6 +31,7 @@ class View:
 
     metrics: Metrics
     ready: Callable[[], bool]  # taking traffic: listening, and not draining
+    status: Callable[[], dict[str, Any]] | None = None  # the /status page, if it has one
 
 
 _VIEW = web.AppKey("view", View)
@@ -43,6 +47,13 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def _status(request: web.Request) -> web.Response:
+    page = request.app[_VIEW].status
+    if page is None:
+        return web.json_response({"status": "not available"}, status=404)
+    return web.json_response(page(), headers={"Cache-Control": "no-store"})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     body = render(request.app[_VIEW].metrics)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -54,6 +65,7 @@ def app(view: View) -> web.Application:
     admin.router.add_get("/healthz", _healthz)
     admin.router.add_get("/readyz", _readyz)
     admin.router.add_get("/metrics", _metrics)
+    admin.router.add_get("/status", _status)
     return admin
 
 

@@ -59,9 +59,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return result
 
 
-def _load(path: str) -> Settings | None:
+def _load(path: str, skip: frozenset[str] = frozenset()) -> Settings | None:
     try:
-        return config.load(path)
+        return config.load(path, skip=skip)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    return _run(demo.run(settings))
+    return _run(demo.run(settings, args.log_file))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -146,11 +146,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     print(report.summary(settings))
+    for warning in settings.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    settings = _load(args.config, frozenset({config.POLICY_FILE}))  # it signs, nothing more
     if settings is None:
         return EXIT_CONFIG
     date = args.date or format_date(datetime.now(UTC))
@@ -172,6 +174,24 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     if not names.ROLE.fullmatch(args.role):
         print(f"--role: {names.ROLE_RULE}", file=sys.stderr)
         return EXIT_CONFIG
+    if not os.path.exists(args.config):
+        print(
+            f"note: {args.config} does not exist, so the role {args.role} was not checked"
+            " against a policy (--config names the gateway.yaml to check it against)",
+            file=sys.stderr,
+        )
+    else:
+        settings = _load(args.config, frozenset({config.CREDENTIALS}))  # mints, signs nothing
+        if settings is None:
+            return EXIT_CONFIG
+        roles = settings.policy.roles
+        if args.role not in roles:
+            print(
+                f"--role: {args.role} is not a role of {settings.policy_path}"
+                f" (roles: {', '.join(roles)})",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
     token = "sgw_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
     print(token)
@@ -210,7 +230,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"--body: cannot read it: {exc.strerror}", file=sys.stderr)
             return EXIT_CONFIG
         headers.setdefault("Content-Type", "application/json")
-    settings = _load(args.config)
+    # explain never signs: the real API key and secret need not be at hand.
+    settings = _load(args.config, frozenset({config.CREDENTIALS}))
     if settings is None:
         return EXIT_CONFIG
     policy, peer, assumed = settings.policy, args.peer, ""
@@ -247,7 +268,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="solapi-gateway", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="solapi-gateway",
+        description="The auth-signing gateway in front of the SOLAPI API"
+        " (also run as python -m gateway).",
+        epilog="Exit codes: 0 fine, 1 could not run (e.g. a port in use), 2 bad config or usage.",
+    )
     p.add_argument("--version", action="version", version=f"solapi-gateway {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -261,15 +287,21 @@ def parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="worker processes (default: `workers:` in config, else 1)"
     )
     serve.set_defaults(func=cmd_serve)
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    # No help=: a parser added without one is left out of the command list.
+    worker = sub.add_parser("_worker")
     worker.add_argument("--config", required=True)
     worker.add_argument("--state-file", required=True)
     worker.add_argument("--metrics-dir", required=True)
     worker.add_argument("--ready-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
-    with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG).set_defaults(
-        func=cmd_demo
+    demo_cmd = with_config("demo", "sandbox + gateway with demo credentials", demo.DEMO_CONFIG)
+    demo_cmd.add_argument(
+        "--log-file",
+        default=demo.DEMO_LOG,
+        help="where log lines go once the curl lines are printed ('-': stderr;"
+        " default %(default)s)",
     )
+    demo_cmd.set_defaults(func=cmd_demo)
     sb = sub.add_parser("sandbox", help="run only the SOLAPI-compatible sandbox upstream")
     sb.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default %(default)s)")
     sb.add_argument("--api-key", default=demo.DEMO_API_KEY, help="accepted key (default: demo)")
@@ -287,8 +319,13 @@ def parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="bearer tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     new = token_sub.add_parser("new", help="print a new random token and its policy entry")
-    new.add_argument("--principal", required=True)
-    new.add_argument("--role", required=True)
+    new.add_argument("--principal", required=True, help="the caller's name in the policy")
+    new.add_argument("--role", required=True, help="one of the policy's roles")
+    new.add_argument(
+        "--config",
+        default=config.DEFAULT_CONFIG,
+        help=f"the role is checked against this config's policy (default {config.DEFAULT_CONFIG})",
+    )
     new.set_defaults(func=cmd_token_new)
     explain = with_config("explain", "walk one request through the policy; sends nothing")
     who = explain.add_mutually_exclusive_group()

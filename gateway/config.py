@@ -10,12 +10,22 @@ either returns a complete ``Settings`` or raises ``ConfigError`` listing every
 problem as ``FILE:LINE: key.path: message``. A reload builds a new object and
 swaps one reference, so a request sees either the old set or the new one.
 
+Two commands need less than everything, and load less (``skip``):
+``explain`` and ``token new`` never sign, so they leave ``credentials`` (and an
+internal key's unset ``hmac_secret``) unresolved and can run on a laptop or in
+CI without the real key; ``sign`` reads no policy file.
+
+``Settings.warnings`` lists what loads but is probably a mistake (an empty
+``principals``, a placeholder token hash...): ``check-config`` prints them and
+the gateway logs them, and neither refuses to run.
+
 Paths inside the config are relative to the config file. Strings marked ``${VAR}``
 below are taken from the environment; an unset one is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from collections.abc import Callable
@@ -23,11 +33,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Final
 
+from annotated_types import Ge, Le
 from pydantic import (
+    AllowInfNan,
     Field,
     PlainValidator,
     PrivateAttr,
+    Strict,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -38,6 +52,7 @@ from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
     MASKED,
+    Bool,
     Count,
     EnvStr,
     Invalid,
@@ -60,6 +75,10 @@ from gateway.signing import Secret, Signer
 from gateway.yamlsource import ConfigError, Problem
 
 __all__ = ["DEFAULT_CONFIG", "Address", "ConfigError", "Settings", "load", "parse_address"]
+
+# What a load may leave out (``load(skip=...)``).
+CREDENTIALS: Final = "credentials"
+POLICY_FILE: Final = "policy"
 
 DEFAULT_CONFIG: Final = "config/gateway.yaml"
 
@@ -125,6 +144,39 @@ def _origin(value: str) -> URL:
 AddressField = Annotated[Address, plain(_address, env=True, keep=Address)]
 
 
+def _collector(value: str) -> URL:
+    """An OTLP/HTTP collector: ``http(s)://HOST[:PORT]`` (spans go to ``/v1/traces``
+    there), or the full URL of its traces endpoint when a path is given."""
+    shape = "must be http(s)://HOST[:PORT][/PATH]"
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise Invalid(f"{shape}: {'it has no scheme' if not sep else f'the scheme is {scheme!r}'}")
+    try:
+        url = URL(value)
+        port = url.port
+    except ValueError:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535") from None
+    if not url.host:
+        raise Invalid(f"{shape}: it names no host")
+    if url.user is not None or url.password is not None:
+        raise Invalid(f"{shape}: it must not hold a user or password")
+    if port is not None and not 0 < port < 65536:
+        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
+    return url if url.path not in ("", "/") else url.with_path("/v1/traces")
+
+
+class TracingSettings(Model):
+    otlp_endpoint: Annotated[URL, plain(_collector, env=True, keep=URL)] = Field(
+        description="the OTLP/HTTP collector spans are sent to, e.g. http://collector:4318 ${VAR}"
+    )
+    service_name: Annotated[Str, matching(names.SERVICE_NAME, names.SERVICE_NAME_RULE)] = Field(
+        "solapi-gateway", description="service.name of every span"
+    )
+    sample_ratio: Annotated[float, Strict(), AllowInfNan(False), Ge(0), Le(1)] = Field(
+        1.0, description="share of new traces recorded (an incoming sampled flag is followed)"
+    )
+
+
 class UpstreamSettings(Model):
     url: Annotated[URL, plain(_origin, env=True, keep=URL)] = Field(
         description="where SOLAPI is: http(s)://HOST[:PORT] ${VAR}"
@@ -165,7 +217,17 @@ def _secret_file(value: object, info: ValidationInfo) -> Secret:
     if not name:
         raise Invalid("is empty")
     path = resolve(info, name)
-    secret = read_text(path).strip()  # surrounding whitespace and the newline go
+    try:
+        secret = read_text(path).strip()  # surrounding whitespace and the newline go
+    except Invalid as exc:
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            # Typically a 0600 file of the host's user, mounted into the image (uid 10001).
+            uid, gid = os.getuid(), os.getgid()
+            raise Invalid(
+                f"{exc.message}: the gateway runs as uid {uid} (gid {gid});"
+                f" make the file readable by it, e.g. chgrp {gid} and chmod 0640"
+            ) from None
+        raise
     if not secret:
         raise Invalid("the secret is empty")
     return Secret(secret, f"file {path}")
@@ -195,13 +257,22 @@ class Credentials(Model):
         return Signer(self.api_key, secret)
 
 
+def _skipped(info: ValidationInfo) -> frozenset[str]:
+    skip: frozenset[str] = context(info).get("skip", frozenset())
+    return skip
+
+
 def _policy_file(value: object, info: ValidationInfo) -> Policy:
     if isinstance(value, Policy):
         return value
     name = text(expand_env(value))
     if not name:
         raise Invalid("is empty")
-    policy, problems = read_policy(resolve(info, name))
+    if POLICY_FILE in _skipped(info):  # `sign`: an empty policy, never consulted
+        empty = Policy.model_construct(roles=(), principals=(), trusted_headers=None, routes=())
+        empty._path = resolve(info, name)
+        return empty
+    policy, problems = read_policy(resolve(info, name), secrets=CREDENTIALS not in _skipped(info))
     if policy is None:
         context(info).setdefault("problems", []).extend(problems)
         raise Reported()
@@ -222,7 +293,7 @@ def _audit_file(value: object, info: ValidationInfo) -> str:
     name = text(expand_env(value))
     if not name:
         raise Invalid("is empty")
-    path = resolve(info, name)
+    path = resolve(info, name, output=True)  # written, not read: no reason to reload
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise Invalid(f"{path} is a folder, not a file")
@@ -353,7 +424,27 @@ class Settings(Model):
         StateSettings.model_validate({}),  # frozen: one default is safe to share
         description="replay memory and rate-limit counters: memory or redis (docs/state.md)",
     )
+    tracing: TracingSettings | None = Field(
+        None, description="export spans over OTLP/HTTP; absent = off (traceparent still passes)"
+    )
+    reload_on_change: Bool = Field(
+        False, description="reload as on SIGHUP when a file the config was read from changes"
+    )
     _path: str = PrivateAttr("")
+    _sha256: str = PrivateAttr("")
+    _files: tuple[str, ...] = PrivateAttr(())
+
+    @field_validator("credentials", mode="wrap")
+    @classmethod
+    def _unless_skipped(
+        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Credentials:
+        if CREDENTIALS in _skipped(info):  # explain, token new: nothing is signed
+            return Credentials.model_construct(
+                api_key="(not loaded)", api_secret=None, api_secret_file=None
+            )
+        credentials: Credentials = handler(value)
+        return credentials
 
     @field_validator("admin_listen")
     @classmethod
@@ -395,6 +486,18 @@ class Settings(Model):
         return self.policy.path
 
     @property
+    def config_sha256(self) -> str:
+        """SHA-256 of the config file's bytes as this load read them."""
+        return self._sha256
+
+    def watched_files(self) -> tuple[str, ...]:
+        """Every file this load read: the config, and each file a key of it names (the
+        policy, the secret file, certificates...), as given. A change to any of them is
+        a change to the running set (``reload_on_change``). Collected as the keys are
+        validated (``schema.resolve``), so a new file-valued key joins by itself."""
+        return (self._path, *self._files)
+
+    @property
     def signer(self) -> Signer:
         return self.credentials.signer
 
@@ -403,9 +506,45 @@ class Settings(Model):
         """Where the secret came from ("file PATH" or "environment"): never its value."""
         return self.signer.secret.source
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What loads but is probably a mistake, each as ``FILE: key.path: message``.
 
-def load(config_path: str = DEFAULT_CONFIG) -> Settings:
-    """Read the config, its policy and its secret; ConfigError lists every problem."""
+        ``check-config`` prints them (exit 0) and ``serve`` logs them at start and
+        at every reload. A check of the config's own keys goes here; one of the
+        policy's goes in ``Policy.warnings``.
+        """
+        return self.policy.warnings
+
+
+# What a reload cannot change in a running process: listeners are bound, the
+# tracer provider is made once, the state is kept where it was opened.
+RESTART_KEYS = ("listen", "admin_listen", "tracing", "state")
+
+
+def restart_needed_for(fresh: Settings, started: Settings) -> list[str]:
+    return [
+        key
+        for key in RESTART_KEYS
+        if _restart_key(getattr(fresh, key)) != _restart_key(getattr(started, key))
+    ]
+
+
+def _restart_key(value: object) -> object:
+    """What of a key only a restart applies: for ``state``, where the state is kept
+    (its on_error and replay_salts apply from the next request on)."""
+    if isinstance(value, StateSettings):
+        return (value.backend, value.url, value.key_prefix, value.timeout_s)
+    return value
+
+
+def load(config_path: str = DEFAULT_CONFIG, *, skip: frozenset[str] = frozenset()) -> Settings:
+    """Read the config, its policy and its secret; ConfigError lists every problem.
+
+    ``skip``: ``CREDENTIALS`` leaves the signing credentials (and unset internal-key
+    secrets) unresolved, for commands that never sign; ``POLICY_FILE`` reads no
+    policy (an empty one stands in), for ``sign``.
+    """
     try:
         config_text = read_text(config_path)
     except Invalid as exc:
@@ -413,9 +552,14 @@ def load(config_path: str = DEFAULT_CONFIG) -> Settings:
     doc = yamlsource.read(config_path, config_text)
     others: list[Problem] = []  # the policy file's own
     base = os.path.dirname(config_path)
-    settings = yamlsource.validate(Settings, doc, {"base": base, "problems": others})
+    files: list[str] = []
+    settings = yamlsource.validate(
+        Settings, doc, {"base": base, "problems": others, "skip": skip, "files": files}
+    )
     problems = doc.problems + others
     if settings is None or problems:
         raise ConfigError(problems)
     settings._path = config_path
+    settings._sha256 = hashlib.sha256(config_text.encode()).hexdigest()
+    settings._files = tuple(dict.fromkeys(files))
     return settings

@@ -3,13 +3,19 @@
 The sandbox is started with the very key pair the demo config signs with, so
 the two cannot drift apart. The tokens below are public demo values; the demo
 policy holds only their SHA-256.
+
+Start-up lines go to stderr as usual; once the curl lines are printed, the log
+lines (one per request pasted) go to a file instead, so that they do not
+scroll the curl lines away. ``--log-file -`` keeps them on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
+import tempfile
 from typing import Final
 
 import orjson
@@ -27,6 +33,7 @@ DEMO_TOKENS: Final = {
     "OWNER": "demo-owner-token",
 }
 RESTORE_PATH: Final = "/crm-core/v1/records/bulk/restore"
+DEMO_LOG: Final = os.path.join(tempfile.gettempdir(), "solapi-gateway-demo.log")
 
 
 def curl_lines(settings: Settings) -> list[str]:
@@ -48,7 +55,8 @@ def curl_lines(settings: Settings) -> list[str]:
     alive = sandbox.demo_record_id("ALIVE", 1)
     more = [sandbox.demo_record_id("TRASH", n) for n in range(3, 6)]
     return [
-        "# MEMBER restores two records from the trash → 200, both restored",
+        '# MEMBER restores two records from the trash → 200 "restored";'
+        ' pasted again: 200 "notDeleted"',
         restore(DEMO_TOKENS["MEMBER"], trash),
         "# OWNER: one restorable, one purged (>14 days), one never deleted → 200 per record",
         restore(DEMO_TOKENS["OWNER"], [more[0], purged, alive]),
@@ -79,7 +87,15 @@ def curl_lines(settings: Settings) -> list[str]:
     ]
 
 
-async def run(settings: Settings) -> int:
+def _log_to(path: str) -> None:
+    """From now on, write this process's stderr (every log line) to ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+async def run(settings: Settings, log_file: str = DEMO_LOG) -> int:
     url = settings.upstream.url
     host, port = url.host or "127.0.0.1", url.port or 80
     keys = {settings.signer.api_key: settings.signer.secret}
@@ -94,10 +110,19 @@ async def run(settings: Settings) -> int:
         return 1
 
     async def announce(gateway: Gateway) -> None:
+        to_file = log_file != "-"
+        try:
+            if to_file:
+                _log_to(log_file)
+        except OSError as exc:
+            logs.emit("demo_log_file_failed", path=log_file, error=exc.strerror or str(exc))
+            to_file = False
+        where = f"Log lines go to {log_file} (tail -f it to watch them)." if to_file else ""
         print(
             f"\nsolapi-gateway demo: gateway on http://{settings.listen}, "
             f"sandbox upstream on http://{host}:{port}, admin on http://{settings.admin_listen}",
-            "Paste any of these in another terminal (Ctrl-C here stops both):\n",
+            *([where] if where else []),
+            "Paste any of these in another terminal (Ctrl-C here stops the demo):\n",
             *curl_lines(settings),
             "",
             sep="\n",

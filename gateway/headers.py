@@ -7,6 +7,11 @@ stays behind unless the operator names it in ``forward_headers``. The caller's
 
 Downstream, upstream's answer comes back whole except for hop-by-hop headers,
 which describe one connection and not the message.
+
+Trace context (W3C ``traceparent`` and ``tracestate``) is the one exception to
+the allow-list, and only when well-formed: ``incoming_trace`` picks it out, and
+``gateway/tracing.py`` decides what upstream gets (the same header when tracing
+is off, the gateway's own child span's when it is on).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Final
 
 from multidict import CIMultiDict, MultiMapping
 
-from gateway.names import REQUEST_ID
+from gateway.names import REQUEST_ID, TRACEPARENT, TRACESTATE_MAX
 
 # Describe one connection, not the message: never forwarded, in either direction.
 HOP_BY_HOP: Final = frozenset(
@@ -51,6 +56,21 @@ def request_id(headers: MultiMapping[str]) -> str:
 
 def new_request_id() -> str:
     return os.urandom(16).hex()  # as unique as uuid4().hex, at a quarter of the cost
+
+
+def incoming_trace(headers: MultiMapping[str]) -> tuple[str | None, str | None]:
+    """The caller's ``traceparent`` if it is exactly one valid value, and then its
+    ``tracestate`` if that is one value of sane length; else (None, None)."""
+    parents = headers.getall("traceparent", ())
+    if len(parents) != 1:
+        return None, None
+    parent = parents[0].strip()
+    # Version 00 has exactly four fields; a later version may append more.
+    if not TRACEPARENT.fullmatch(parent) or (parent[:2] == "00" and len(parent) != 55):
+        return None, None
+    states = headers.getall("tracestate", ())
+    state = states[0] if len(states) == 1 and len(states[0]) <= TRACESTATE_MAX else None
+    return parent, state
 
 
 def upstream_headers(

@@ -42,6 +42,18 @@ SHA256_HEX_RULE: Final = "must be 64 hex digits (SHA-256)"
 # A caller's X-Request-ID, kept only when it matches.
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
+# A tracing ``service_name`` (OpenTelemetry's service.name).
+SERVICE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}")
+SERVICE_NAME_RULE: Final = "a service name is letters, digits and ._/- (up to 64)"
+
+# A W3C ``traceparent``: version, trace id, parent span id, flags (lower-case hex).
+# Version ff is invalid; a later version may add fields after a dash.
+TRACEPARENT: Final = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?"
+)
+# A W3C ``tracestate``, passed on only with a valid traceparent and only this long.
+TRACESTATE_MAX: Final = 512
+
 # A ``{name}`` placeholder segment of a route path.
 PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -26,6 +26,7 @@ declared here and in ``gateway/principals.py`` and ``gateway/routes.py``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any
@@ -56,11 +57,34 @@ class Policy(Model):
         (), description="rate limits per caller or in all (gateway/limits.py); absent = none"
     )
     _path: str = PrivateAttr("")
+    _sha256: str = PrivateAttr("")
 
     @property
     def path(self) -> str:
         """The file it was read from, as the config names it."""
         return self._path
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the policy file's bytes as they were read."""
+        return self._sha256
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What loads but is probably a mistake (see ``Settings.warnings``)."""
+        found = []
+        if not self.principals:
+            who = "only trusted headers" if self.trusted_headers else "nobody: every request is 401"
+            found.append(f"{self.path}: principals: none listed, so {who} can identify a caller")
+        for i, principal in enumerate(self.principals):
+            digest = principal.token_sha256
+            if digest is not None and len(set(digest)) == 1:
+                found.append(
+                    f"{self.path}: principals[{i}].token_sha256: {digest[:8]}… is a placeholder"
+                    f" no token hashes to ({principal.name} cannot call); mint one with"
+                    " `solapi-gateway token new`"
+                )
+        return tuple(found)
 
     @cached_property
     def rank(self) -> Mapping[str, int]:
@@ -154,16 +178,24 @@ def _segments_match(template: tuple[str | None, ...], segments: list[str]) -> bo
     return True
 
 
-def parse_policy(text: str, name: str = "policy.yaml") -> tuple[Policy | None, list[Problem]]:
-    """A policy from its YAML text: the Policy, or None and every problem found."""
+def parse_policy(
+    text: str, name: str = "policy.yaml", *, secrets: bool = True
+) -> tuple[Policy | None, list[Problem]]:
+    """A policy from its YAML text: the Policy, or None and every problem found.
+
+    ``secrets=False``: an internal key's ``hmac_secret`` whose ``${VAR}`` is unset
+    stands in as a secret no signature matches (for commands that never verify one
+    for real, such as ``explain`` on a laptop).
+    """
     doc = yamlsource.read(name, text)
-    policy = yamlsource.validate(Policy, doc, {})
+    policy = yamlsource.validate(Policy, doc, {"secrets": secrets})
     if policy is not None and not doc.problems:
         policy._path = name
+        policy._sha256 = hashlib.sha256(text.encode()).hexdigest()
         return policy, []
     return None, doc.problems
 
 
-def read_policy(path: str) -> tuple[Policy | None, list[Problem]]:
+def read_policy(path: str, *, secrets: bool = True) -> tuple[Policy | None, list[Problem]]:
     """``parse_policy`` of a file; a file that cannot be read raises ``Invalid``."""
-    return parse_policy(read_text(path), path)
+    return parse_policy(read_text(path), path, secrets=secrets)

@@ -13,6 +13,7 @@ who a request comes from.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 from typing import Annotated, Any
 
 from pydantic import (
@@ -89,11 +90,19 @@ _TWICE = {
 }
 
 
-def secret_value(value: object) -> Secret:
-    """A secret given in the file, usually as ``${VAR}``; surrounding whitespace dropped."""
+def secret_value(value: object, info: ValidationInfo) -> Secret:
+    """A secret given in the file, usually as ``${VAR}``; surrounding whitespace dropped.
+
+    When the load reads no secrets (``parse_policy(secrets=False)``), an unset
+    variable stands in as a random secret that no caller's signature matches."""
     if isinstance(value, Secret):
         return value
-    value = expand_env(value)
+    try:
+        value = expand_env(value)
+    except Invalid:
+        if context(info).get("secrets", True):
+            raise
+        return Secret(secrets.token_hex(32), "not loaded")
     if not isinstance(value, str) or not value.strip():
         raise Invalid("is empty" if isinstance(value, str) else "must be a string")
     return Secret(value.strip())

@@ -19,6 +19,8 @@ Validation context (``info.context``), set by the loader:
     seen      names already used, per kind, so a twin is named however bad
               the first entry was
     roles     the policy's roles, once they validated, for role references
+    files     every file a key names that the load reads (``resolve``): what
+              ``Settings.watched_files`` reports and ``reload_on_change`` polls
 """
 
 from __future__ import annotations
@@ -204,15 +206,25 @@ def none_as_empty(value: object) -> object:
     return [] if value is None else value
 
 
-def resolve(info: ValidationInfo, name: str) -> str:
-    """A path from the file being read, relative to that file's folder."""
-    return os.path.join(str(context(info).get("base", "")), name)
+def resolve(info: ValidationInfo, name: str, *, output: bool = False) -> str:
+    """A path from the file being read, relative to that file's folder.
+
+    Every file-valued key resolves its path here, so the load knows every file it
+    depends on (``files`` in the context); ``output``: a file the gateway writes
+    (the audit log), which is not one of them."""
+    path = os.path.join(str(context(info).get("base", "")), name)
+    if not output:
+        files = context(info).get("files")
+        if isinstance(files, list):
+            files.append(path)
+    return path
 
 
 def read_text(path: str) -> str:
     """A file's text, or the problem of reading it."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        # newline="": the text as the bytes say (its SHA-256 is that of the file).
+        with open(path, encoding="utf-8", newline="") as fh:
             return fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
 
-from gateway import logs, walk
+from gateway import logs, tracing, walk
 from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
@@ -77,17 +77,34 @@ class Entry:
     upstream_ms: float | None = None
     upstream_status: int | None = None
     attempts: int = 0
-    # The batch's items, for the audit log only: never on the access-log line.
+    trace_id: str | None = None
+    # Not on the access-log line: the batch's items (for the audit log only), and
+    # the request's trace context (gateway/tracing.py).
     record_ids: list[str] | None = None
+    trace: tracing.Trace = tracing.NO_TRACE
 
 
-_ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name != "record_ids")
+_ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name not in ("record_ids", "trace"))
+# Why an upstream exchange gave no answer, by the kind of its last failed attempt.
+_NO_ANSWER = {
+    "connect": "upstream could not be reached",
+    "reset": "upstream closed the connection",
+    "protocol": "upstream sent an answer that could not be read",
+    "timeout": "upstream did not answer in time",
+}
 
 
 class Gateway:
-    def __init__(self, settings: Settings, metrics: Metrics, state: State | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        state: State | None = None,
+        tracer: tracing.Tracing = tracing.OFF,
+    ) -> None:
         # The process's shared state (gateway/state.py); a lone in-memory one by default.
         self.state = state if state is not None else State.in_memory()
+        self.tracing = tracer
         self.loaded = Loaded(settings, verifier_for(settings.policy))
         self.metrics = metrics
         self.upstream = Upstream()
@@ -105,6 +122,8 @@ class Gateway:
         # The path only, as for every request: a query string may carry anything.
         path = request.raw_path.partition("?")[0][:512]
         entry = Entry(request_id(request.headers), request.method, path, peer)
+        entry.trace = trace = self.tracing.begin(request.headers)
+        entry.trace_id = trace.trace_id
         self.metrics.in_flight.inc()
         try:
             response = await self._walk(request, loaded, entry)
@@ -194,6 +213,7 @@ class Gateway:
             None if not body and request.method in _NO_BODY_METHODS else body,
             on_throttle=route.retry_on_throttle,
         )
+        entry.trace.to_upstream(upstream_request.headers)
         tally = Tally()
         slot = await self.upstream.acquire_slot(settings.upstream)
         started = time.perf_counter()
@@ -201,8 +221,11 @@ class Gateway:
             answer = await self.upstream.exchange(
                 upstream_request, settings.upstream, settings.signer.fresh_header, tally
             )
-        except GatewayError:
+        except GatewayError as exc:
             slot.release()
+            if exc.reason is None and tally.error_kind is not None:
+                exc.reason = f"{_NO_ANSWER[tally.error_kind]} ({tally.attempts} attempt(s))"
+            entry.reason = exc.reason
             self._upstream_done(entry, tally, started)
             raise
         try:
@@ -244,6 +267,7 @@ class Gateway:
         entry.upstream_ms = round(seconds * 1000, 3)
         entry.attempts = tally.attempts
         self.metrics.upstream(entry.route, seconds, tally.failures, tally.retries)
+        entry.trace.upstream_done(entry)
 
     def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
         entry.errorCode = exc.code
@@ -258,6 +282,7 @@ class Gateway:
         self.metrics.request(entry.route, entry.method, entry.status, seconds, entry.principal)
         line = _present(entry)
         logs.emit("access", **line)
+        entry.trace.finish(entry)
         if self.audit is not None and entry.record_ids is not None:
             self.audit.write_batch(line, entry.record_ids)
 

@@ -2,6 +2,8 @@
 
     SIGHUP           reload config, policy and secret file together; keep the
                      old set if anything is invalid; reopen the audit log
+                     (``reload_on_change: true`` does the same when a file changes,
+                     gateway/watch.py)
     SIGUSR1          only reopen the audit log (after logrotate moved it)
     SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
                      finish within shutdown_grace_s, exit 0 (another signal
@@ -10,8 +12,9 @@
 ``serve`` starts each resource in turn and registers it on one
 ``AsyncExitStack`` as soon as it is started:
 
-    state → audit log → upstream session → admin listener → signal handlers
-          → proxy listener → the mark that starts a drain
+    state → tracing → audit log → upstream session → admin listener
+          → signal handlers and the file watcher → proxy listener
+          → the mark that starts a drain
 
 Every way out (a start that fails, the drain after SIGTERM, cancellation)
 unwinds that one stack in reverse. Once the proxy listened, that begins with
@@ -24,7 +27,12 @@ starts before the proxy for that reason: it answers all through the drain.
 
 A worker of ``serve --workers N`` is given its share (``state.Shared``) by its
 supervisor: it binds the proxy port with ``SO_REUSEPORT`` and leaves the admin
-port and the reload count to the supervisor.
+port, the reload count, ``/status`` and the file watcher to the supervisor.
+
+Every line about the process itself (started, reloaded, reload_failed,
+draining, stopped) names its ``pid`` and ``process`` (``gateway``, or
+``worker`` under a supervisor), so the lines of several workers sharing one
+stderr can be told apart.
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import __version__, admin, config, logs, state
+from gateway import __version__, admin, config, logs, state, tracing
 from gateway.config import Address, Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
 from gateway.server import Gateway
+from gateway.status import Status, Workers
+from gateway.watch import Watcher
 from gateway.yamlsource import ConfigError
 
 
@@ -71,54 +81,62 @@ def _reopen_audit(gateway: Gateway, path: str | None) -> None:
         audit.reopen(path)
 
 
-def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
+def lifecycle(event: str, process: str, **fields: object) -> None:
+    """A line about the process itself, naming which process it is."""
+    logs.emit(event, pid=os.getpid(), process=process, **fields)
+
+
+def reload(
+    gateway: Gateway,
+    started: Settings,
+    *,
+    count: bool = True,
+    status: Status | None = None,
+    process: str = "gateway",
+) -> bool:
     """Re-read everything the running config was loaded from; swap only if all is valid.
 
     ``started`` is the set the process started with: its listeners are the ones bound.
 
-    ``count`` is off in workers: their supervisor validated and counted this reload.
-    The audit log is reopened either way, so a logrotate ``postrotate`` SIGHUP works
-    even while the config on disk is broken.
+    ``count`` is off in workers: their supervisor validated and counted this reload
+    (and keeps ``status``). The audit log is reopened either way, so a logrotate
+    ``postrotate`` SIGHUP works even while the config on disk is broken.
     """
     current = gateway.loaded.settings
     try:
         fresh = config.load(current.config_path)
         _reopen_audit(gateway, fresh.audit_log)
     except ConfigError as exc:
-        return _reload_failed(gateway, count, [str(p) for p in exc.problems])
+        return _reload_failed(gateway, count, [str(p) for p in exc.problems], status, process)
     except OSError as exc:
         why = f"{fresh.audit_log}: cannot open the audit log: {exc.strerror or exc}"
-        return _reload_failed(gateway, count, [why])
+        return _reload_failed(gateway, count, [why], status, process)
     gateway.swap(fresh)
     gateway.metrics.principals = named_principals(fresh)
     if count:
         gateway.metrics.reloads.labels("success").inc()
-    moved = [
-        name
-        for name in ("listen", "admin_listen", "state")
-        if _restart_key(getattr(fresh, name)) != _restart_key(getattr(started, name))
-    ]
-    logs.emit(
+    if status is not None:
+        status.reloaded(fresh)
+    moved = config.restart_needed_for(fresh, started)
+    lifecycle(
         "reloaded",
+        process,
         routes=len(fresh.policy.routes),
         principals=len(fresh.policy.principals),
         **({"restart_needed_for": moved} if moved else {}),
+        **({"warnings": list(fresh.warnings)} if fresh.warnings else {}),
     )
     return True
 
 
-def _restart_key(value: object) -> object:
-    """What of a key only a restart applies: for ``state``, where the state is kept
-    (its on_error and replay_salts apply from the next request on)."""
-    if isinstance(value, config.StateSettings):
-        return (value.backend, value.url, value.key_prefix, value.timeout_s)
-    return value
-
-
-def _reload_failed(gateway: Gateway, count: bool, errors: list[str]) -> bool:
+def _reload_failed(
+    gateway: Gateway, count: bool, errors: list[str], status: Status | None, process: str
+) -> bool:
     if count:
         gateway.metrics.reloads.labels("failure").inc()
-    logs.emit("reload_failed", errors=errors)
+    if status is not None:
+        status.refused(errors)
+    lifecycle("reload_failed", process, errors=errors)
     reopen_audit(gateway)  # logrotate's postrotate SIGHUP needs it whatever the config says
     return False
 
@@ -147,25 +165,27 @@ async def serve(
     ``shared``: what a worker's supervisor set up for all its workers (None for
     a lone process). ``ready`` is awaited once the proxy listens.
     """
+    process = "worker" if shared else "gateway"
     try:
         async with contextlib.AsyncExitStack() as stack:
             gateway, stop = await _start(stack, settings, shared)
-            logs.emit(
+            lifecycle(
                 "started",
+                process,
                 version=__version__,
-                pid=os.getpid(),
                 listen=str(settings.listen),
                 **({} if shared else {"admin_listen": str(settings.admin_listen)}),
                 upstream=str(settings.upstream.url),
                 routes=len(settings.policy.routes),
+                **({"warnings": list(settings.warnings)} if settings.warnings else {}),
             )
             if ready is not None:
                 await ready(gateway)
             await stop.wait()
     except StartFailed as exc:
-        logs.emit("start_failed", error=str(exc))
+        lifecycle("start_failed", process, error=str(exc))
         return 1
-    logs.emit("stopped")
+    lifecycle("stopped", process)
     return 0
 
 
@@ -175,8 +195,10 @@ async def _start(
     """Start everything in order, each pushed on ``stack`` as it is started."""
     chosen = state.build(settings, shared)
     stack.push_async_callback(chosen.close)
+    tracer = tracing.start(settings.tracing, __version__)
+    stack.callback(tracer.close)  # after the drain: the last spans are sent
     metrics = Metrics(multiprocess_dir=shared.metrics_dir if shared else None)
-    gateway = Gateway(settings, metrics, chosen)
+    gateway = Gateway(settings, metrics, chosen, tracer)
     metrics.principals = named_principals(settings)
     try:
         gateway.audit = open_audit(settings)
@@ -187,8 +209,17 @@ async def _start(
     stack.push_async_callback(gateway.upstream.close)
 
     listening = asyncio.Event()
+    status: Status | None = None
     if shared is None:
-        view = admin.View(metrics, lambda: listening.is_set() and not gateway.draining)
+        status = Status(settings)
+
+        def ready() -> bool:
+            return listening.is_set() and not gateway.draining
+
+        def page(status: Status = status) -> dict[str, object]:
+            return status.page(Workers(1, int(ready()), (os.getpid(),)))
+
+        view = admin.View(metrics, ready, page)
         try:
             admin_runner = await admin.start(settings.admin_listen, view)
         except OSError as exc:
@@ -196,7 +227,9 @@ async def _start(
         stack.push_async_callback(admin_runner.cleanup)
 
     stop = asyncio.Event()
-    _handle_signals(stack, gateway, settings, stop, count=shared is None)
+    _handle_signals(stack, gateway, settings, stop, status, count=shared is None)
+    if shared is None:  # a worker's supervisor watches the files for all of them
+        _watch_files(stack, gateway, settings, status)
 
     proxy = _proxy_runner(gateway, settings)
     await proxy.setup()
@@ -209,7 +242,7 @@ async def _start(
         ).start()
     except OSError as exc:
         raise StartFailed(cannot_listen(address, exc)) from None
-    stack.callback(_begin_drain, gateway)
+    stack.callback(_begin_drain, gateway, "worker" if shared else "gateway")
     listening.set()
     return gateway, stop
 
@@ -237,6 +270,7 @@ def _handle_signals(
     gateway: Gateway,
     started: Settings,
     stop: asyncio.Event,
+    status: Status | None,
     *,
     count: bool,
 ) -> None:
@@ -248,7 +282,9 @@ def _handle_signals(
     handlers: dict[signal.Signals, Callable[[], object]] = {
         signal.SIGTERM: stop.set,
         signal.SIGINT: stop.set,
-        signal.SIGHUP: lambda: reload(gateway, started, count=count),
+        signal.SIGHUP: lambda: reload(
+            gateway, started, count=count, status=status, process="gateway" if count else "worker"
+        ),
         signal.SIGUSR1: lambda: reopen_audit(gateway),
     }
     for sig, handler in handlers.items():
@@ -256,9 +292,30 @@ def _handle_signals(
         stack.callback(loop.remove_signal_handler, sig)
 
 
-def _begin_drain(gateway: Gateway) -> None:
+def _watch_files(
+    stack: contextlib.AsyncExitStack, gateway: Gateway, started: Settings, status: Status | None
+) -> None:
+    """``reload_on_change``: poll the files of the running set, reload when they change.
+
+    The task runs whatever the key says, and looks at it before each poll, so a
+    reload can turn the key on or off."""
+
+    def changed(paths: list[str]) -> None:
+        lifecycle("files_changed", "gateway", files=paths)
+        reload(gateway, started, status=status)
+
+    watcher = Watcher(
+        lambda: gateway.loaded.settings.watched_files(),
+        changed,
+        enabled=lambda: gateway.loaded.settings.reload_on_change,
+    )
+    task = asyncio.get_running_loop().create_task(watcher.run())
+    stack.callback(task.cancel)
+
+
+def _begin_drain(gateway: Gateway, process: str) -> None:
     gateway.draining = True  # /readyz → 503; a request still queued gets ShuttingDown
-    logs.emit("draining", grace_s=gateway.loaded.settings.shutdown_grace_s)
+    lifecycle("draining", process, grace_s=gateway.loaded.settings.shutdown_grace_s)
 
 
 def _close_audit(gateway: Gateway) -> None:

@@ -12,7 +12,9 @@ everything that must exist once:
   gauges are dropped);
 - SIGHUP: the supervisor validates the new config once, counts the reload
   once, and only then tells every worker to reload; if it is invalid, the
-  workers only reopen their audit file (SIGUSR1);
+  workers only reopen their audit file (SIGUSR1). ``reload_on_change`` is the
+  supervisor's too: it polls the files and reloads as on SIGHUP;
+- ``/status``: the set it validated last, the last reload, its workers' pids;
 - with ``state.backend: memory``, the replay memory of internal HMAC signatures
   and the rate-limit buckets: one SQLite file that every worker opens, in a
   folder removed at exit, so a replayed header is refused and a limit holds
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from gateway import __version__, admin, config, logs, state
 from gateway.config import Settings
 from gateway.metrics import Metrics, mark_process_dead
+from gateway.status import Status, Workers
+from gateway.watch import Watcher
 from gateway.yamlsource import ConfigError
 
 _FAST_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as a crash loop
@@ -62,6 +66,7 @@ class Supervisor:
         self.fast_deaths = 0
         self.stop = asyncio.Event()
         self.exit_code = 0
+        self.status = Status(settings)
 
     async def _spawn(self, index: int) -> Worker:
         read_fd, write_fd = os.pipe()
@@ -84,6 +89,14 @@ class Supervisor:
             if os.read(read_fd, 1):
                 worker.ready.set()
         os.close(read_fd)
+
+    def page(self) -> dict[str, object]:
+        ready = [w for w in self.workers.values() if w.ready.is_set()]
+        pids = tuple(w.process.pid for w in self.workers.values())
+        return self.status.page(Workers(self.count, len(ready), pids))
+
+    def _emit(self, event: str, **fields: object) -> None:
+        logs.emit(event, pid=os.getpid(), process="supervisor", **fields)
 
     def ready(self) -> bool:
         return (
@@ -129,27 +142,35 @@ class Supervisor:
         try:
             fresh = config.load(self.settings.config_path)
         except ConfigError as exc:
+            errors = [str(p) for p in exc.problems]
             self.metrics.reloads.labels("failure").inc()
-            logs.emit("reload_failed", errors=[str(p) for p in exc.problems])
+            self.status.refused(errors)
+            self._emit("reload_failed", errors=errors)
             # The workers keep their set, but logrotate's SIGHUP still needs the reopen.
             self._signal_all(signal.SIGUSR1)
             return
         self.metrics.reloads.labels("success").inc()
-        moved = [
-            n
-            for n in ("listen", "admin_listen")
-            if getattr(fresh, n) != getattr(self.started_with, n)
-        ]
+        self.status.reloaded(fresh)
+        moved = config.restart_needed_for(fresh, self.started_with)
         self.settings = fresh
-        logs.emit("reloading_workers", **({"restart_needed_for": moved} if moved else {}))
+        self._emit(
+            "reloading_workers",
+            **({"restart_needed_for": moved} if moved else {}),
+            **({"warnings": list(fresh.warnings)} if fresh.warnings else {}),
+        )
         self._signal_all(signal.SIGHUP)
+
+    def _files_changed(self, paths: list[str]) -> None:
+        self._emit("files_changed", files=paths)
+        self.reload()
 
     async def run(self) -> int:
         address = self.settings.admin_listen
         try:
-            admin_runner = await admin.start(address, admin.View(self.metrics, self.ready))
+            view = admin.View(self.metrics, self.ready, self.page)
+            admin_runner = await admin.start(address, view)
         except OSError as exc:
-            logs.emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
+            self._emit("start_failed", error=f"cannot listen on {address}: {exc.strerror or exc}")
             return 1
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
@@ -157,13 +178,20 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self._signal_all, signal.SIGUSR1)
         watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
-        logs.emit(
-            "supervisor_started", version=__version__, pid=os.getpid(), workers=self.count,
+        files = Watcher(
+            lambda: self.settings.watched_files(),
+            self._files_changed,
+            enabled=lambda: self.settings.reload_on_change,
+        )
+        watching = asyncio.create_task(files.run())
+        self._emit(
+            "supervisor_started", version=__version__, workers=self.count,
             listen=str(self.settings.listen), admin_listen=str(self.settings.admin_listen),
         )  # fmt: skip
         await self.stop.wait()
+        watching.cancel()
         self.draining = True
-        logs.emit("draining", workers=len(self.workers))
+        self._emit("draining", workers=len(self.workers))
         self._signal_all(signal.SIGTERM)
         grace = self.settings.shutdown_grace_s + 5
         try:
@@ -171,7 +199,7 @@ class Supervisor:
         except TimeoutError:
             self._signal_all(signal.SIGKILL)
         await admin_runner.cleanup()
-        logs.emit("stopped")
+        self._emit("stopped", workers=self.count)
         return self.exit_code
 
 

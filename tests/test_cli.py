@@ -329,7 +329,8 @@ def test_sign_with_a_broken_config_prints_nothing_on_stdout(broken: Path) -> Non
     result = run("sign", "--config", "conf/gateway.yaml", cwd=broken)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines() == broken_problems("conf/")
+    # sign reads no policy: only the config's own problems.
+    assert result.stderr.splitlines() == broken_problems("conf/")[:-1]
 
 
 # --- token new ---------------------------------------------------------------------
@@ -420,3 +421,107 @@ def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
     assert re.fullmatch(r"solapi-gateway \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+# --- what each command needs: explain and token new sign nothing, sign reads no policy ---
+
+
+def test_token_new_refuses_a_role_the_configured_policy_does_not_have() -> None:
+    result = run("token", "new", "--principal", "ops", "--role", "ADMIN")  # config/gateway.yaml
+    assert result.returncode == 2
+    assert result.stdout == ""  # nothing minted
+    assert "ADMIN is not a role of config/policy.yaml (roles: VIEWER, MEMBER, OWNER)" in (
+        result.stderr
+    )
+    other = run("token", "new", "--principal", "ops", "--role", "MEMBER", "--config", DEMO_CONFIG)
+    assert other.returncode == 0, other.stderr
+
+
+def test_token_new_without_a_config_says_the_role_was_not_checked(tmp_path: Path) -> None:
+    result = run("token", "new", "--principal", "ops", "--role", "ADMIN", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("sgw_")
+    assert "config/gateway.yaml does not exist" in result.stderr
+    assert "ADMIN was not checked" in result.stderr
+
+
+def test_explain_runs_on_the_shipped_config_without_the_real_key_or_secret() -> None:
+    # SOLAPI_API_KEY is unset (run() drops it) and /run/secrets/... does not exist here.
+    result = run("explain", "--token", "x", "GET", "/crm-core/v1/records/trash")
+    assert result.returncode == 1, result.stderr
+    assert "identity  REFUSED  401 Unauthorized: unknown bearer token" in result.stdout
+    allowed = run(
+        "explain", "--principal", "ops", "--role", "VIEWER", "GET", "/crm-core/v1/records/trash"
+    )
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "would forward: GET https://api.solapi.com/crm-core/v1/records/trash" in allowed.stdout
+
+
+def test_explain_stands_in_for_an_internal_key_secret_that_is_not_set(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text((REPO / "config/gateway.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(
+        "roles: [VIEWER, MEMBER]\nprincipals:\n"
+        "  - {name: sdk, role: MEMBER, hmac_key: NCSINT0000000001,"
+        ' hmac_secret: "${UNSET_SECRET}"}\n'
+        "routes:\n  - {name: r, method: GET, path: /r, min_role: VIEWER}\n"
+    )
+    config = str(tmp_path / "gateway.yaml")
+    result = run(
+        "explain", "--config", config, "--principal", "ops", "--role", "VIEWER", "GET", "/r"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    checked = run("check-config", "--config", config)
+    assert checked.returncode == 2  # a command that verifies or signs still needs it
+    assert "principals[0].hmac_secret: environment variable UNSET_SECRET is not set" in (
+        checked.stderr
+    )
+
+
+def test_sign_needs_no_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text((REPO / DEMO_CONFIG).read_text())
+    (tmp_path / "api_secret").write_text(DEMO_SECRET)
+    result = run("sign", "--config", str(tmp_path / "gateway.yaml"), "--date", DATE, "--salt", SALT)
+    assert result.returncode == 0, result.stderr
+    expected = hmac.new(DEMO_SECRET.encode(), (DATE + SALT).encode(), "sha256").hexdigest()
+    assert result.stdout.strip().endswith(f"signature={expected}")
+
+
+def test_check_config_warns_of_an_empty_principals_list_and_a_placeholder_hash(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gateway.yaml").write_text((REPO / DEMO_CONFIG).read_text())
+    (tmp_path / "api_secret").write_text(DEMO_SECRET)
+    route = "routes:\n  - {name: r, method: GET, path: /r, min_role: VIEWER}\n"
+    (tmp_path / "policy.yaml").write_text("roles: [VIEWER]\nprincipals: []\n" + route)
+    config = str(tmp_path / "gateway.yaml")
+    empty = run("check-config", "--config", config)
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.splitlines()[0].endswith(": OK")
+    (warning,) = [line for line in empty.stdout.splitlines() if line.startswith("warning:")]
+    assert "policy.yaml: principals: none listed, so nobody: every request is 401" in warning
+
+    zeros = "0" * 64
+    (tmp_path / "policy.yaml").write_text(
+        "roles: [VIEWER]\nprincipals:\n"
+        f'  - {{name: billing-svc, role: VIEWER, token_sha256: "{zeros}"}}\n' + route
+    )
+    placeholder = run("check-config", "--config", config)
+    assert placeholder.returncode == 0, placeholder.stderr
+    (warning,) = [line for line in placeholder.stdout.splitlines() if line.startswith("warning:")]
+    assert "principals[0].token_sha256: 00000000… is a placeholder" in warning
+    assert "billing-svc cannot call" in warning
+    assert placeholder.stderr == ""
+
+    demo = run("check-config", "--config", DEMO_CONFIG)
+    assert "warning:" not in demo.stdout
+
+
+def test_help_shows_no_hidden_command_and_no_markup() -> None:
+    outputs = [run("--help").stdout]
+    outputs += [run(command, "--help").stdout for command in ("serve", "explain", "sign", "demo")]
+    outputs.append(run("token", "new", "--help").stdout)
+    for text in outputs:
+        assert text.startswith("usage:")
+        assert "SUPPRESS" not in text
+        assert "_worker" not in text
+        assert "``" not in text

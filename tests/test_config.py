@@ -436,6 +436,9 @@ def test_an_unreadable_secret_file_is_an_error(tmp_path: Path) -> None:
         "credentials.api_secret_file",
         "Permission denied",
     )
+    # A 0600 file of another user, as a host's secret mounted into the image would be.
+    (message,) = [str(p) for p in problems(path)]
+    assert f"the gateway runs as uid {os.getuid()}" in message
 
 
 # --- single problems in gateway.yaml, each on its marked line ------------------------

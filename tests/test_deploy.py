@@ -40,6 +40,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 RESTORE = "/crm-core/v1/records/bulk/restore"
+# What the replay memory of internal-key signatures can take at its 1,000,000-entry bound
+# (docs/identity.md, docs/deployment.md): in one process's memory, and as the SQLite file
+# that the workers of `serve --workers N` share in /tmp. And a gateway's own footprint.
+REPLAY_IN_MEMORY_MB = 40  # 31.7 bytes a salt measured (docs/state.md), rounded up
+REPLAY_FILE_MB = 20  # 15.6 bytes a salt on disk, rounded up
+BASE_RSS_MB = 60
 
 
 # --- the Dockerfile -------------------------------------------------------------------------
@@ -105,8 +111,12 @@ def image_path_in_repo(path: str) -> Path:
             *sources, dest = (w for w in shlex.split(instruction.args) if not w.startswith("--"))
             destination = workdir / dest
             for source in sources:
-                copied = destination / source if dest.endswith("/") else destination
-                if (REPO / source).is_dir() and target.is_relative_to(copied):
+                # A folder's contents go to the destination; a file into a destination
+                # folder ("…/") keeps its own name.
+                is_dir = (REPO / source).is_dir()
+                into = dest.endswith("/") and not is_dir
+                copied = destination / PurePosixPath(source).name if into else destination
+                if is_dir and target.is_relative_to(copied):
                     found = REPO / source / target.relative_to(copied)
                 elif target == copied:
                     found = REPO / source
@@ -164,22 +174,39 @@ def test_every_hadolint_pragma_says_why() -> None:
             assert reason, f"an ignore pragma without a reason: {line!r}"
 
 
-def test_the_base_image_is_a_pinned_slim_python() -> None:
+def test_the_base_image_is_a_slim_python_pinned_by_digest() -> None:
     (base,) = (i.args for i in dockerfile() if i.keyword == "FROM")
     image, _, tag = base.partition(":")
     assert image == "python"
+    tag, _, digest = tag.partition("@")
     assert tag and tag != "latest" and "slim" in tag
     minimum = PYPROJECT["project"]["requires-python"].removeprefix(">=")
     assert tag.startswith(minimum)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), "pin the base image by its digest"
+    # How it was obtained and how to move it, beside it.
+    assert "docker buildx imagetools inspect" in (REPO / "Dockerfile").read_text()
 
 
 def test_every_copied_file_exists_and_is_in_the_build_context() -> None:
     copied = [source for sources, _ in copies() for source in sources]
-    assert {"pyproject.toml", "requirements.lock", "README.md", "gateway", "config"} <= set(copied)
+    wanted = {"pyproject.toml", "requirements.lock", "README.md", "gateway"}
+    assert wanted | {"config/gateway.yaml", "config/policy.yaml"} <= set(copied)
     for source in copied:
         assert (REPO / source).exists(), source
         assert not dockerignored(source), f"{source} is excluded by .dockerignore"
     assert dockerignored(".venv/bin/python") and dockerignored(".git/HEAD")
+
+
+def test_the_image_holds_no_demo_config_and_no_secret() -> None:
+    for sources, _ in copies():
+        for source in sources:
+            assert not PurePosixPath(source).is_relative_to("config/demo"), source
+            if (REPO / source).is_dir():
+                inside = {p.name for p in (REPO / source).rglob("*")}
+                assert "api_secret" not in inside and "demo" not in inside, source
+    # Kept out of the build context too, so no later COPY can bring it in by mistake.
+    assert dockerignored("config/demo/api_secret")
+    assert image_path_in_repo("/etc/solapi-gateway/policy.yaml") == REPO / "config/policy.yaml"
 
 
 def test_dependencies_come_from_the_lock() -> None:
@@ -303,10 +330,16 @@ def test_the_sidecar_config_passes_check_config_as_mounted(
     for name, text in config_map["data"].items():
         (folder / name).write_text(text.replace(secret_file, str(tmp_path / "api_secret")))
     (tmp_path / "api_secret").write_text("a-secret-from-the-volume\n")
-    (env,) = gw["env"]
-    monkeypatch.setenv(env["name"], "NCSK8SEXAMPLE001")
+    stand_ins = {"secretKeyRef": "NCSK8SEXAMPLE001", "fieldRef": "10.1.2.3"}  # key, pod IP
+    for env in gw["env"]:
+        (source,) = env["valueFrom"]
+        monkeypatch.setenv(env["name"], stand_ins[source])
     settings = config.load(str(folder / PurePosixPath(args.config).name))
     assert settings.listen == config.Address("127.0.0.1", 8080)
+    assert settings.admin_listen == config.Address("10.1.2.3", 9090)
+    assert settings.reload_on_change  # an edited ConfigMap applies itself
+    # The shipped placeholder hash is one the operator must replace: check-config says so.
+    assert any("token_sha256" in warning for warning in settings.warnings)
     assert (settings.signer.api_key, settings.secret_source) == (
         "NCSK8SEXAMPLE001",
         f"file {tmp_path / 'api_secret'}",
@@ -325,8 +358,9 @@ def test_the_secret_keys_are_the_ones_the_set_up_creates() -> None:
     assert PurePosixPath(secret_file).name in created
     assert re.search(rf"kubectl create secret generic {name}\b", text)
     for env in gw["env"]:
-        ref = env["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == name and ref["key"] in created
+        if "secretKeyRef" in env["valueFrom"]:
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == name and ref["key"] in created
     mode = volume["secret"].get("defaultMode", 0o644)
     readable = mode & 0o004 or (mode & 0o040 and pod["securityContext"].get("fsGroup"))
     assert readable, "the non-root gateway could not read its secret file"
@@ -337,7 +371,10 @@ def test_probes_and_scrape_annotations_use_the_admin_port() -> None:
     template = deployment["spec"]["template"]
     gw = gateway_container(template["spec"])
     admin = sidecar_settings()["admin_listen"]
-    assert host_of(admin) == "0.0.0.0"  # the kubelet and Prometheus come from outside the pod
+    # Not 0.0.0.0: the pod's own address, where the kubelet and Prometheus reach it.
+    assert host_of(admin) == "${POD_IP}"
+    (pod_ip,) = (e for e in gw["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in gw["ports"]}
 
     def probe(kind: str) -> tuple[str, int]:
@@ -370,6 +407,85 @@ def test_the_pod_outlasts_the_drain_and_runs_unprivileged() -> None:
     assert f"http://{listen}" in app_env  # the app is pointed at its sidecar
 
 
+def mebibytes(quantity: str) -> int:
+    number = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert number is not None, quantity
+    return int(number.group(1)) * (1024 if number.group(2) == "Gi" else 1)
+
+
+def test_the_memory_limit_and_tmp_fit_the_replay_memory_at_its_bound() -> None:
+    _, deployment = kubernetes()
+    pod = deployment["spec"]["template"]["spec"]
+    gw = gateway_container(pod)
+    limit = mebibytes(gw["resources"]["limits"]["memory"])
+    tmp = volume_at(pod, gw, "/tmp/x")
+    assert tmp["emptyDir"]["medium"] == "Memory"
+    size = mebibytes(tmp["emptyDir"]["sizeLimit"])
+    assert size >= REPLAY_FILE_MB + 16  # --workers: the shared file and the metrics files
+    # One process holds the replay memory itself; an in-memory /tmp is charged to the
+    # same limit, so the limit covers either way of running.
+    assert limit >= BASE_RSS_MB + max(REPLAY_IN_MEMORY_MB, size) + 32
+
+
+def test_a_network_policy_lets_only_prometheus_reach_the_admin_port() -> None:
+    docs = [
+        d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "sidecar.yaml").read_text()) if d
+    ]
+    (policy,) = (d for d in docs if d["kind"] == "NetworkPolicy")
+    _, deployment = kubernetes()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admin_port = port_of(sidecar_settings()["admin_listen"])
+    admitting = [
+        r for r in policy["spec"]["ingress"] if admin_port in {p["port"] for p in r["ports"]}
+    ]
+    (rule,) = admitting
+    assert rule.get("from"), "the admin port must not be open to every source"
+    for source in rule["from"]:
+        assert "podSelector" in source or "namespaceSelector" in source
+    listen = port_of(sidecar_settings()["listen"])
+    assert not any(listen in {p["port"] for p in r["ports"]} for r in policy["spec"]["ingress"])
+
+
+# --- Kubernetes: deploy/kubernetes/shared.yaml ------------------------------------------------
+
+
+def test_the_shared_gateway_manifest_is_complete_and_its_config_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "shared.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) >= {"ConfigMap", "Deployment", "Service", "NetworkPolicy"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    gw = gateway_container(pod)
+    args = parser().parse_args(gw["args"][1:])
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    secret_file = "/run/secrets/solapi/api_secret"
+    assert volume_at(pod, gw, secret_file)["secret"]["secretName"] == "solapi-api"
+    for name, text in kinds["ConfigMap"]["data"].items():
+        (folder / name).write_text(text.replace(secret_file, str(tmp_path / "api_secret")))
+    (tmp_path / "api_secret").write_text("s\n")
+    monkeypatch.setenv("SOLAPI_API_KEY", "NCSK8SEXAMPLE001")
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    settings = config.load(str(folder / PurePosixPath(args.config).name))
+    assert settings.listen == config.Address("0.0.0.0", 8080)  # reached through the Service
+    assert settings.admin_listen.host == "10.1.2.3"
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert ports == {"proxy": settings.listen.port, "admin": settings.admin_listen.port}
+    assert kinds["Service"]["spec"]["ports"][0]["targetPort"] == "proxy"
+    # Endpoints go as SIGTERM comes: a preStop pause, then the drain, within the grace.
+    pause = int(gw["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pause + settings.shutdown_grace_s
+    assert mebibytes(gw["resources"]["limits"]["memory"]) >= BASE_RSS_MB + REPLAY_IN_MEMORY_MB
+    # Each port only from its own callers.
+    for rule in kinds["NetworkPolicy"]["spec"]["ingress"]:
+        assert rule["from"], rule
+    opened = {p["port"] for r in kinds["NetworkPolicy"]["spec"]["ingress"] for p in r["ports"]}
+    assert opened == {settings.listen.port, settings.admin_listen.port}
+
+
 # --- docker compose: deploy/docker-compose.yaml -------------------------------------------------
 
 
@@ -399,9 +515,11 @@ def in_container(root: Path, path: str) -> Path:
 
 def test_the_compose_gateway_config_passes_check_config_as_mounted(tmp_path: Path) -> None:
     services = compose()["services"]
-    for service in services.values():
-        assert (DEPLOY / service["build"] / "Dockerfile").resolve() == REPO / "Dockerfile"
     gateway, sandbox = services["gateway"], services["sandbox"]
+    # One image, built once: the gateway builds it, the sandbox only runs it.
+    assert (DEPLOY / gateway["build"] / "Dockerfile").resolve() == REPO / "Dockerfile"
+    assert "build" not in sandbox and sandbox["pull_policy"] == "never"
+    assert sandbox["image"] == gateway["image"]
     gateway_args = parser().parse_args(gateway["command"][1:])
     sandbox_args = parser().parse_args(sandbox["command"][1:])
     assert (gateway_args.command, sandbox_args.command) == ("serve", "sandbox")
@@ -426,6 +544,17 @@ def test_the_compose_gateway_config_passes_check_config_as_mounted(tmp_path: Pat
     assert settings.admin_listen.host == "0.0.0.0"  # else a published port reaches nothing
     grace = re.fullmatch(r"(\d+)s", gateway["stop_grace_period"])
     assert grace is not None and int(grace.group(1)) > settings.shutdown_grace_s
+
+
+def test_the_compose_services_run_without_privileges() -> None:
+    for name, service in compose()["services"].items():
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["read_only"] is True, name
+        (tmp,) = service["tmpfs"]
+        size = re.fullmatch(r"/tmp:size=(\d+)m", tmp)
+        # The replay memory file of `serve --workers N` at its bound, and metrics beside it.
+        assert size is not None and int(size.group(1)) >= REPLAY_FILE_MB + 16, name
 
 
 @pytest.mark.e2e
@@ -482,14 +611,12 @@ def restore(port: int, token: str, record_id: str) -> tuple[int, bytes]:
         conn.close()
 
 
-# --- the README's production section --------------------------------------------------------------
+# --- the deployment and operations pages ---------------------------------------------------------
 
 
 def production_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Running in production")
-    end = readme.find("\n## ", start + 1)
-    return readme[start : end if end != -1 else None]
+    pages = ("deployment.md", "operations.md")  # metrics.md: tests/test_observability.py
+    return "\n".join((REPO / "docs" / page).read_text() for page in pages)
 
 
 def test_the_production_section_names_only_files_and_metrics_that_exist() -> None:

@@ -165,7 +165,8 @@ async def test_no_answer_is_504_within_timeout_then_recovers(
     assert TIMEOUT_S * 0.9 < took < TIMEOUT_S * 10
     assert len(fault.upstream.received) == 1  # a request that reached upstream is not repeated
     assert (await fault.restore()).status == 200
-    await fault.logged(2)
+    access = await fault.logged(2)
+    assert access[0]["reason"] == "upstream did not answer in time (1 attempt(s))"
     assert fault.metric("gateway_upstream_errors_total") == {
         labelled(kind="timeout", route="records-bulk-restore"): 1.0
     }
@@ -180,6 +181,8 @@ async def test_reset_before_the_headers_is_502_and_not_retried(
     assert (await fault.restore()).status == 200
     access = await fault.logged(2)
     assert access[0]["attempts"] == 1 and access[0]["status"] == 502
+    # The line says why there was no answer (the caller is told only the errorCode).
+    assert access[0]["reason"] == "upstream closed the connection (1 attempt(s))"
 
 
 async def test_reset_half_way_through_the_body_cuts_the_callers_connection(

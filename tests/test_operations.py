@@ -64,7 +64,7 @@ RESTORE_ROUTE = "records-bulk-restore"
 TRASH = "/crm-core/v1/records/trash"
 TRASH_ROUTE = "records-trash"
 JSON_TYPE = "application/json"
-# The access-log fields the README promises on a request that went upstream.
+# The access-log fields docs/metrics.md promises on a request that went upstream.
 ACCESS_FIELDS = {
     "time", "event", "request_id", "method", "path", "peer", "route", "principal", "role",
     "via", "status", "batch_items", "duration_ms", "upstream_ms", "upstream_status", "attempts",

@@ -1,7 +1,7 @@
 """The official SOLAPI SDKs, unchanged, through the gateway with an internal key pair.
 
 A service keeps its SDK code and changes only the base URL and the key pair
-(README, "Moving an SDK service onto the gateway"). The gateway verifies the
+(docs/identity.md, "Moving an SDK service onto the gateway"). The gateway verifies the
 SDK's signature exactly as SOLAPI would, then signs afresh with the real key:
 upstream (the sandbox) sees only the real key. A replayed header, a wrong
 secret, a skewed date or an unknown key are 401, nothing is forwarded, and
@@ -38,7 +38,7 @@ UNAUTHORIZED = ("Unauthorized", "Authentication required or credentials not acce
 
 
 def sdk_service(gateway: GatewayProc, api_key: str, api_secret: str) -> SolapiMessageService:
-    """Exactly the README's migration: the SDK as it is, another base URL and key pair."""
+    """The migration of docs/identity.md: the SDK as it is, another base URL and key pair."""
     service = SolapiMessageService(api_key, api_secret)
     service.base_url = gateway.url
     return service
