@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Final
@@ -32,11 +33,12 @@ from pydantic import (
 )
 from yarl import URL
 
-from gateway import names, yamlsource
+from gateway import names, tls, yamlsource
 from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
     MASKED,
+    Bool,
     Count,
     EnvStr,
     Invalid,
@@ -49,11 +51,13 @@ from gateway.schema import (
     check,
     context,
     expand_env,
+    file_path,
     matching,
     plain,
     read_text,
     resolve,
     text,
+    warn,
 )
 from gateway.signing import Secret, Signer
 from gateway.yamlsource import ConfigError, Problem
@@ -138,6 +142,9 @@ class UpstreamSettings(Model):
     queue_timeout_s: SecondsOrZero = Field(
         0.1, description="how long a request may wait for one of them before 503 Overloaded"
     )
+    ca_file: Annotated[str, tls.ca_bundle(("upstream", "ca_file"))] | None = Field(
+        None, description="CAs trusted for an https url instead of the system's (relative path)"
+    )
 
     @field_validator("connect_timeout_s")
     @classmethod
@@ -146,6 +153,19 @@ class UpstreamSettings(Model):
         if total is not None and connect > total:
             raise Invalid("must not exceed timeout_s", near="timeout_s")
         return connect
+
+    @field_validator("ca_file")
+    @classmethod
+    def _for_https(cls, ca_file: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("url")
+        if ca_file is not None and isinstance(url, URL) and url.scheme != "https":
+            warn(info, "url is not https: ca_file is not used", at=("upstream", "ca_file"))
+        return ca_file
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How an https upstream is verified: None is the system's trust store."""
+        return tls.upstream_context(self.ca_file) if self.ca_file is not None else None
 
 
 def _secret_value(value: object) -> Secret:
@@ -218,10 +238,7 @@ HeaderName = Annotated[
 
 def _audit_file(value: object, info: ValidationInfo) -> str:
     """The audit file's path, if the gateway will be able to append to it."""
-    name = text(expand_env(value))
-    if not name:
-        raise Invalid("is empty")
-    path = resolve(info, name)
+    path = file_path(value, info)
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise Invalid(f"{path} is a folder, not a file")
@@ -233,6 +250,29 @@ def _audit_file(value: object, info: ValidationInfo) -> str:
     elif not os.access(folder, os.W_OK | os.X_OK):
         raise Invalid(f"cannot create {path}: the folder is not writable")
     return path
+
+
+class TlsSettings(Model):
+    """HTTPS on the proxy port (gateway/tls.py); the admin port stays plain HTTP."""
+
+    cert_file: Annotated[str, PlainValidator(tls.cert_file)] = Field(
+        description="PEM certificate (chain), relative to this file; reloaded on SIGHUP"
+    )
+    key_file: Annotated[str, PlainValidator(tls.key_file)] = Field(
+        description="its unencrypted PEM private key; reloaded on SIGHUP"
+    )
+    client_ca_file: Annotated[str, tls.ca_bundle(("tls", "client_ca_file"))] | None = Field(
+        None, description="PEM CAs that client certificates are verified against"
+    )
+    require_client_cert: Bool = Field(
+        False, description="refuse a handshake without a verified client certificate"
+    )
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> TlsSettings:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise Invalid("needs client_ca_file to verify them with", at=("require_client_cert",))
+        return self
 
 
 class Settings(Model):
@@ -266,7 +306,11 @@ class Settings(Model):
     audit_log: Annotated[str, PlainValidator(_audit_file)] | None = Field(
         None, description="append one JSON line per batch here (relative to this file)"
     )
+    tls: TlsSettings | None = Field(
+        None, description="HTTPS on the proxy port, client certificates; absent = plain HTTP"
+    )
     _path: str = PrivateAttr("")
+    _warnings: tuple[Problem, ...] = PrivateAttr(())
 
     @field_validator("admin_listen")
     @classmethod
@@ -297,6 +341,22 @@ class Settings(Model):
                 seen.add(name.lower())
                 kept.append(name)
         return tuple(kept)
+
+    @model_validator(mode="after")
+    def _certificates_can_arrive(self, info: ValidationInfo) -> Settings:
+        named = [p.name for p in self.policy.principals if p.cert is not None]
+        if named and (self.tls is None or self.tls.client_ca_file is None):
+            shown = ", ".join(named[:3]) + (", …" if len(named) > 3 else "")
+            why = (
+                f"no tls.client_ca_file, so no client certificate is verified: {shown} cannot call"
+            )
+            warn(info, why, at=("tls",) if self.tls else ("policy",))
+        return self
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        """Everything the load noted that does not stop it, config first, then policy."""
+        return self._warnings + self.policy.warnings
 
     @property
     def config_path(self) -> str:
@@ -331,4 +391,5 @@ def load(config_path: str = DEFAULT_CONFIG) -> Settings:
     if settings is None or problems:
         raise ConfigError(problems)
     settings._path = config_path
+    settings._warnings = tuple(doc.warnings)
     return settings

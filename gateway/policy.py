@@ -42,18 +42,24 @@ __all__ = ["UNMATCHED", "Policy", "parse_policy", "read_policy"]
 class Policy(Model):
     roles: Roles = Field(description="every role, lowest first")
     principals: Annotated[tuple[Principal, ...], BeforeValidator(none_as_empty)] = Field(
-        (), description="the callers with a token or an internal key pair"
+        (), description="the callers with a token, an internal key pair or a certificate"
     )
     trusted_headers: TrustedHeaders | None = Field(
         None, description="identity headers honoured from trusted peers; absent = off"
     )
     routes: tuple[Route, ...] = Field(description="every route; anything else is refused")
     _path: str = PrivateAttr("")
+    _warnings: tuple[Problem, ...] = PrivateAttr(())
 
     @property
     def path(self) -> str:
         """The file it was read from, as the config names it."""
         return self._path
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        """What its load noted that does not stop it (``schema.warn``)."""
+        return self._warnings
 
     @cached_property
     def rank(self) -> Mapping[str, int]:
@@ -66,6 +72,11 @@ class Policy(Model):
     @cached_property
     def by_hmac_key(self) -> Mapping[str, Principal]:
         return {p.hmac_key: p for p in self.principals if p.hmac_key}
+
+    @cached_property
+    def by_cert(self) -> Mapping[tuple[str, str], Principal]:
+        """Principals by the (kind, value) their client certificate must carry."""
+        return {p.cert.match: p for p in self.principals if p.cert is not None}
 
     @cached_property
     def exact_routes(self) -> Mapping[str, tuple[Route, ...]]:
@@ -153,6 +164,7 @@ def parse_policy(text: str, name: str = "policy.yaml") -> tuple[Policy | None, l
     policy = yamlsource.validate(Policy, doc, {})
     if policy is not None and not doc.problems:
         policy._path = name
+        policy._warnings = tuple(doc.warnings)
         return policy, []
     return None, doc.problems
 

@@ -19,6 +19,7 @@ Validation context (``info.context``), set by the loader:
     seen      names already used, per kind, so a twin is named however bad
               the first entry was
     roles     the policy's roles, once they validated, for role references
+    warnings  what ``warn`` recorded: problems that do not stop a load
 """
 
 from __future__ import annotations
@@ -99,6 +100,15 @@ def seen(info: ValidationInfo, kind: str) -> set[str]:
     """The names of ``kind`` used so far in this load (a twin is a problem)."""
     found: dict[str, set[str]] = context(info).setdefault("seen", {})
     return found.setdefault(kind, set())
+
+
+def warn(info: ValidationInfo, message: str, *, at: Loc) -> None:
+    """Note something worth an operator's attention that does not stop the load
+    (a certificate about to expire). ``at`` is the key's whole path from the top
+    of the file being read, e.g. ``("tls", "cert_file")``: it becomes
+    ``FILE:LINE: tls.cert_file: message``, which ``check-config`` prints after its
+    summary (exit 0) and ``serve`` logs as it starts and reloads."""
+    context(info).setdefault("warnings", []).append((at, message))
 
 
 # --- plain values: never coerced ------------------------------------------------------
@@ -207,6 +217,14 @@ def none_as_empty(value: object) -> object:
 def resolve(info: ValidationInfo, name: str) -> str:
     """A path from the file being read, relative to that file's folder."""
     return os.path.join(str(context(info).get("base", "")), name)
+
+
+def file_path(value: object, info: ValidationInfo) -> str:
+    """A file's path as written (``${VAR}`` allowed), relative to the file being read."""
+    name = text(expand_env(value))
+    if not name:
+        raise Invalid("is empty")
+    return resolve(info, name)
 
 
 def read_text(path: str) -> str:

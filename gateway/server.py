@@ -36,13 +36,14 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.headers import downstream_headers, new_request_id, request_id, upstream_headers
-from gateway.identity import verifier_for
+from gateway.identity import peer_cert, verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.state import State
+from gateway.tls import ServerTls
 from gateway.transport import Answer, Failure, UpstreamRequest
 from gateway.upstream import Upstream
 
@@ -92,6 +93,7 @@ class Gateway:
         self.upstream = Upstream()
         self.draining = False
         self.audit: logs.AuditLog | None = None  # opened by the service when configured
+        self.tls: ServerTls | None = None  # the proxy port's TLS, set up by the service
 
     def swap(self, settings: Settings) -> None:
         """Use a newly loaded config from the next request on."""
@@ -152,7 +154,12 @@ class Gateway:
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
-            walk.admit(decision, request.headers, entry.peer, policy, loaded.verifier, time.time())
+            # Only a certificate the handshake verified: getpeercert() is empty otherwise.
+            transport = request.transport
+            cert = peer_cert(transport.get_extra_info("peercert")) if transport else None
+            walk.admit(
+                decision, request.headers, entry.peer, policy, loaded.verifier, time.time(), cert
+            )
             body = await read_body(request, limit, settings.body_timeout_s)
             walk.check_body(decision, request.headers, body, policy, limit)
         finally:

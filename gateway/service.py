@@ -1,7 +1,8 @@
 """Running one gateway process: what it starts, in which order, how it stops.
 
-    SIGHUP           reload config, policy and secret file together; keep the
-                     old set if anything is invalid; reopen the audit log
+    SIGHUP           reload config, policy, secret file and TLS certificate, key
+                     and client CA together; keep the old set if anything is
+                     invalid; reopen the audit log
     SIGUSR1          only reopen the audit log (after logrotate moved it)
     SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
                      finish within shutdown_grace_s, exit 0 (another signal
@@ -11,7 +12,7 @@
 ``AsyncExitStack`` as soon as it is started:
 
     state → audit log → upstream session → admin listener → signal handlers
-          → proxy listener → the mark that starts a drain
+          → proxy listener (HTTPS with ``tls:``) → the mark that starts a drain
 
 Every way out (a start that fails, the drain after SIGTERM, cancellation)
 unwinds that one stack in reverse. Once the proxy listened, that begins with
@@ -37,7 +38,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import __version__, admin, config, logs, state
+from gateway import __version__, admin, config, logs, state, tls
 from gateway.config import Address, Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
@@ -84,11 +85,14 @@ def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
     try:
         fresh = config.load(current.config_path)
         _reopen_audit(gateway, fresh.audit_log)
+        reload_tls(gateway, fresh)
     except ConfigError as exc:
         return _reload_failed(gateway, count, [str(p) for p in exc.problems])
     except OSError as exc:
         why = f"{fresh.audit_log}: cannot open the audit log: {exc.strerror or exc}"
         return _reload_failed(gateway, count, [why])
+    except tls.TlsError as exc:
+        return _reload_failed(gateway, count, [f"tls: {exc}"])
     gateway.swap(fresh)
     gateway.metrics.principals = named_principals(fresh)
     if count:
@@ -98,13 +102,25 @@ def reload(gateway: Gateway, started: Settings, *, count: bool = True) -> bool:
         for name in ("listen", "admin_listen")
         if getattr(fresh, name) != getattr(started, name)
     ]
+    if (fresh.tls is None) != (started.tls is None):  # the port speaks what it was bound to
+        moved.append("tls")
     logs.emit(
         "reloaded",
         routes=len(fresh.policy.routes),
         principals=len(fresh.policy.principals),
         **({"restart_needed_for": moved} if moved else {}),
+        **({"warnings": [str(w) for w in fresh.warnings]} if fresh.warnings else {}),
     )
     return True
+
+
+def reload_tls(gateway: Gateway, settings: Settings) -> None:
+    """Serve new handshakes with the certificate, key and client CA that ``settings``
+    name, as the files are now (connections already open keep theirs). Raises
+    ``tls.TlsError`` and changes nothing if they cannot be used. Nothing to do on a
+    plain-HTTP port, or when ``tls:`` was removed (that takes a restart)."""
+    if gateway.tls is not None and settings.tls is not None:
+        gateway.tls.reload(settings.tls)
 
 
 def _reload_failed(gateway: Gateway, count: bool, errors: list[str]) -> bool:
@@ -147,6 +163,7 @@ async def serve(
                 version=__version__,
                 pid=os.getpid(),
                 listen=str(settings.listen),
+                scheme="https" if settings.tls is not None else "http",
                 **({} if shared else {"admin_listen": str(settings.admin_listen)}),
                 upstream=str(settings.upstream.url),
                 routes=len(settings.policy.routes),
@@ -170,6 +187,11 @@ async def _start(
     metrics = Metrics(multiprocess_dir=shared.metrics_dir if shared else None)
     gateway = Gateway(settings, metrics, chosen)
     metrics.principals = named_principals(settings)
+    if settings.tls is not None:
+        try:
+            gateway.tls = tls.ServerTls(settings.tls)
+        except tls.TlsError as exc:  # the files changed since they were checked
+            raise StartFailed(f"tls: {exc}") from None
     try:
         gateway.audit = open_audit(settings)
     except OSError as exc:
@@ -197,7 +219,12 @@ async def _start(
     address = settings.listen
     try:
         await web.TCPSite(
-            proxy, address.host, address.port, backlog=1024, reuse_port=shared is not None or None
+            proxy,
+            address.host,
+            address.port,
+            backlog=1024,
+            reuse_port=shared is not None or None,
+            ssl_context=gateway.tls.context if gateway.tls is not None else None,
         ).start()
     except OSError as exc:
         raise StartFailed(cannot_listen(address, exc)) from None

@@ -139,8 +139,14 @@ class Supervisor:
             for n in ("listen", "admin_listen")
             if getattr(fresh, n) != getattr(self.started_with, n)
         ]
+        if (fresh.tls is None) != (self.started_with.tls is None):
+            moved.append("tls")
         self.settings = fresh
-        logs.emit("reloading_workers", **({"restart_needed_for": moved} if moved else {}))
+        logs.emit(
+            "reloading_workers",
+            **({"restart_needed_for": moved} if moved else {}),
+            **({"warnings": [str(w) for w in fresh.warnings]} if fresh.warnings else {}),
+        )
         self._signal_all(signal.SIGHUP)
 
     async def run(self) -> int:

@@ -47,7 +47,7 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from gateway.identity import Caller, identify
+from gateway.identity import Caller, PeerCert, identify
 from gateway.policy import UNMATCHED, Policy
 from gateway.routes import Route
 from gateway.signing import Verifier
@@ -145,12 +145,14 @@ def admit(
     policy: Policy,
     verifier: Verifier,
     now: float,
+    cert: PeerCert | None = None,
 ) -> None:
-    """Steps 2-4 and the path parameters, after ``locate``; raises the first refusal."""
+    """Steps 2-4 and the path parameters, after ``locate``; raises the first refusal.
+    ``cert``: the client certificate the TLS handshake verified, if any."""
     path = d.path
     assert path is not None, "admit before locate"
     with d.step("identity") as note:
-        caller = d.caller = identify(headers, peer, policy, verifier, now)
+        caller = d.caller = identify(headers, peer, policy, verifier, now, cert)
         note(f"{caller.principal} (role {caller.role}, via {caller.via})")
     with d.step("route") as note:
         if d.unrouted is not None:
@@ -224,12 +226,13 @@ def decide(
     verifier: Verifier,
     now: float,
     max_body_bytes: int,
+    cert: PeerCert | None = None,
 ) -> Decision:
     """The whole walk for a body already in hand; a refusal is in ``Decision.error``."""
     d = Decision(method, target)
     try:
         locate(d, headers, policy)
-        admit(d, headers, peer, policy, verifier, now)
+        admit(d, headers, peer, policy, verifier, now, cert)
         check_body(d, headers, body, policy, max_body_bytes)
     except GatewayError:
         pass  # recorded in d.error and in the step that refused
