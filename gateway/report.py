@@ -130,7 +130,7 @@ def handshake_refused(method: str, target: str, why: str) -> str:
     """``explain --cert`` with a certificate the handshake refuses: no request is read."""
     lines = [f"{method} {target}  (nothing is sent)", f"  {'tls':<9} {why}"]
     lines += [f"  {name:<9} -        not reached" for name in walk.STEPS]
-    lines.append("would refuse: the TLS handshake (an alert; no HTTP answer)")
+    lines.append("would refuse: the TLS handshake (connection closed; no HTTP answer)")
     return "\n".join(lines)
 
 

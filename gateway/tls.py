@@ -39,13 +39,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import (
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import PlainValidator, ValidationInfo
 
 from gateway.identity import PeerCert
@@ -243,7 +238,8 @@ def ca_bundle(at: Loc) -> PlainValidator:
         now = datetime.now(UTC)
         lives = [lifetime(cert, now) for cert in found]
         if all(problem is not None for problem, _ in lives):
-            raise Invalid(f"{path}: {lives[0][0]}" if len(lives) == 1 else "all of it expired")
+            why = lives[0][0] if len(lives) == 1 else "every certificate in it expired"
+            raise Invalid(f"{path}: {why}")
         for i, (problem, warning) in enumerate(lives):
             if problem or warning:
                 which = f"certificate {i + 1} of {len(lives)}: " if len(lives) > 1 else ""
@@ -270,28 +266,50 @@ def certificate_identity(cert: x509.Certificate) -> PeerCert:
 
 
 def verify_client(chain: list[x509.Certificate], ca_file: str, now: datetime) -> None:
-    """TlsError unless ``chain[0]`` (helped by the rest) chains to a CA in ``ca_file``.
+    """TlsError unless ``chain[0]`` (with the rest as intermediates) is issued by a CA
+    in ``ca_file``, every link valid now, and its key usage allows a TLS client.
 
-    This is the ``cryptography`` package's RFC 5280 path validation, with the
-    leaf's extensions left unchecked as OpenSSL leaves most of them: the live
-    handshake uses OpenSSL's verifier, which may differ in rare edge cases."""
-    problem, _ = lifetime(chain[0], now)
-    if problem is not None:
-        raise TlsError(problem)
-    store = Store(read_certificates(ca_file))
-    verifier = (
-        PolicyBuilder()
-        .store(store)
-        .time(now)
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
-        )
-        .build_client_verifier()
-    )
+    These are the checks OpenSSL makes at the handshake (non-strict, purpose "TLS
+    client") that decide in practice: signatures, dates, extendedKeyUsage. The
+    handshake itself stays the judge; a certificate OpenSSL refuses for a rarer
+    reason (a CA without basicConstraints, say) is explained as if it passed."""
+    leaf = chain[0]
     try:
-        verifier.verify(chain[0], chain[1:])
-    except VerificationError as exc:
-        why = str(exc).removeprefix("validation failed: ")
-        if why.startswith("candidates exhausted"):  # no path to any CA of the file
-            raise TlsError(f"it is not issued by a CA in {ca_file}") from None
-        raise TlsError(f"it does not verify against {ca_file}: {why}") from None
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise TlsError("its extendedKeyUsage does not allow TLS client authentication")
+    anchors, intermediates = read_certificates(ca_file), chain[1:]
+    cert = leaf
+    for _ in range(_MAX_CHAIN):
+        problem, _ = lifetime(cert, now)
+        if problem is not None:
+            which = (
+                "the certificate" if cert is leaf else f"its issuer {cert.subject.rfc4514_string()}"
+            )
+            raise TlsError(problem.replace("the certificate", which, 1))
+        anchor = _issuer(cert, anchors)
+        if anchor is not None:
+            problem, _ = lifetime(anchor, now)
+            if problem is not None:
+                raise TlsError(problem.replace("the certificate", "its CA", 1))
+            return
+        issuer = _issuer(cert, intermediates)
+        if issuer is None:
+            raise TlsError(f"it is not issued by a CA in {ca_file}")
+        cert = issuer
+    raise TlsError(f"its chain to a CA in {ca_file} is longer than {_MAX_CHAIN}")
+
+
+_MAX_CHAIN: Final = 8
+
+
+def _issuer(cert: x509.Certificate, candidates: list[x509.Certificate]) -> x509.Certificate | None:
+    for candidate in candidates:
+        try:
+            cert.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return candidate
+    return None

@@ -65,8 +65,10 @@ def client_pair(
     cn: str | None = None,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
+    usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
 ) -> Pair:
-    """A client certificate naming ``uri`` / ``dns`` / ``cn``, signed by ``ca``."""
+    """A client certificate naming ``uri`` / ``dns`` / ``cn``, signed by ``ca``
+    (``usage``: its extendedKeyUsage, e.g. SERVER_AUTH for one no client may use)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -87,7 +89,7 @@ def client_pair(
         .not_valid_before(not_before or min(NOW, after) - dt.timedelta(days=30))
         .not_valid_after(after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

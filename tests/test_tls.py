@@ -18,9 +18,12 @@ import pytest
 import trustme
 from certs import NOW, Pair, client_pair, days_ago, server_pair, write_ca
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import tls
 from gateway.identity import PeerCert, peer_cert
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,10 @@ def test_client_certificates_are_verified_against_the_client_ca(files: Files) ->
     expired = client_pair(
         files.client_ca_obj, files.folder, "old", cn="billing", not_after=days_ago(1)
     )
-    for pair in (stranger, expired):
+    server_only = client_pair(
+        files.client_ca_obj, files.folder, "server-only", cn="billing", usage=SERVER_AUTH
+    )
+    for pair in (stranger, expired, server_only):
         with pytest.raises(ssl.SSLError):
             handshake(server, files.client_context(pair))
 
@@ -274,6 +280,26 @@ def test_verify_client_accepts_the_cas_own_and_says_why_not_otherwise(files: Fil
     assert verdict(expired).startswith("the certificate expired on ")
     future = client_pair(ca, files.folder, "future", cn="x", not_before=NOW + dt.timedelta(1))
     assert verdict(future).startswith("the certificate is not valid before ")
+    server_only = client_pair(ca, files.folder, "server-only", cn="x", usage=SERVER_AUTH)
+    assert verdict(server_only) == "its extendedKeyUsage does not allow TLS client authentication"
+
+
+def test_verify_client_follows_intermediates_as_the_handshake_does(files: Files) -> None:
+    """A client that sends its intermediate along is verified by both alike."""
+    root = trustme.CA()
+    root_file = write_ca(root, files.folder / "root.pem")
+    leaf = root.create_child_ca().issue_cert("svc.internal", common_name="svc")
+    pair = Pair(files.folder / "chained.crt", files.folder / "chained.key")
+    pair.cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(pair.key))
+    chain = tls.read_certificates(str(pair.cert))
+    assert len(chain) == 2
+    tls.verify_client(chain, str(root_file), NOW)
+    with pytest.raises(tls.TlsError, match="not issued by a CA"):
+        tls.verify_client(chain[:1], str(root_file), NOW)  # the intermediate left out
+    server = tls.server_context(material(server_pair(files.ca, files.folder), root_file))
+    served, _, _ = handshake(server, files.client_context(pair))
+    assert peer_cert(served.getpeercert()) == PeerCert(dns=("svc.internal",), cns=("svc",))
 
 
 # --- an https upstream behind an internal CA --------------------------------------------------
