@@ -574,3 +574,16 @@ def test_explain_cert_and_the_live_gateway_agree(
         )  # fmt: skip
         live = "forward" if error is None and sandbox.count() == before + 1 else f"{status} {error}"
     assert (explained, live) == (expected, expected), lines
+
+
+async def test_a_certificate_ending_soon_is_logged_at_start_and_at_each_reload(
+    start_gateway: Callable[..., GatewayProc], pki: Pki, creds: Creds, tmp_path: Path
+) -> None:
+    soon = server_pair(pki.ca, tmp_path, "soon", days=5)
+    gw = start_gateway(policy=tls_policy(creds), settings={"tls": tls_block(pki, soon)})
+    (warning,) = [e["warning"] for e in gw.events() if e["event"] == "config_warning"]
+    assert f"tls.cert_file: {soon.cert}: the certificate expires on " in warning
+    await sighup(gw, "reloaded")
+    (reloaded,) = [e for e in gw.events() if e["event"] == "reloaded"]
+    assert reloaded["warnings"] == [warning]
+    assert curl_status(pki, *pki.reports.curl_args(), https(gw, TRASH)) == 200

@@ -347,3 +347,14 @@ def test_warnings_of_a_load_that_fails_are_not_reported() -> None:
     assert yamlsource.validate(Doc, doc, {}) is None
     assert doc.warnings == []
     assert [p.path for p in doc.problems] == ["name"]
+
+
+def test_explain_cert_needs_a_client_ca_in_the_config(
+    folder: Folder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = folder.config(PAIR)
+    cert = str(folder.root / "server.crt")
+    code = cli.main(["explain", "--config", config, "--cert", cert, "GET", "/crm-core/v1/x"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err.startswith("--cert: tls.client_ca_file is not set in this config")
