@@ -9,8 +9,11 @@
                          are verified (required or optional)
     upstream_context     trust for an https upstream behind an internal CA: that
                          file's CAs only, certificate and host name always checked
-    read_certificates, check_pair, lifetime
-                         the checks ``gateway/config.py`` runs on the files at load
+    cert_file, key_file, ca_bundle
+                         the validators of ``tls.*`` and ``upstream.ca_file`` in
+                         ``gateway/config.py``: readable, the key the certificate's
+                         own, valid now (``lifetime``; ending within 14 days is a
+                         warning, ``schema.warn``)
     certificate_identity, verify_client
                          what ``explain --cert`` does with a certificate file
 
@@ -27,8 +30,8 @@ context's, which is why every context here is built by the same function and
 done keeps what it negotiated: nothing established is dropped.
 
 A client certificate is verified during the handshake (OpenSSL's verifier,
-purpose "TLS client"); one that does not verify ends the handshake with an
-alert, whether or not certificates are required. The request handler only ever
+purpose "TLS client"); one that does not verify ends the handshake (the
+connection is closed), whether or not certificates are required. The request handler only ever
 sees a verified certificate (``getpeercert()`` is empty otherwise).
 """
 
