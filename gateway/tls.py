@@ -24,9 +24,9 @@ changed, except for its verify mode: its SNI callback, which OpenSSL runs on
 every ClientHello (with or without a server name), moves the new connection
 to the newest context built from the files (``SSL_set_SSL_CTX``). From that
 one the handshake takes its certificate, key, verify store and ALPN choice;
-the cipher list, protocol versions and verify mode stay the listening
-context's, which is why every context here is built by the same function and
-``reload`` copies the new verify mode over. A connection whose handshake is
+the cipher list, protocol versions, options, verify mode and number of session
+tickets stay the listening context's, which is why every context here is built
+by the same function and ``reload`` copies those settings over. A connection whose handshake is
 done keeps what it negotiated: nothing established is dropped.
 
 A client certificate is verified during the handshake (OpenSSL's verifier,
@@ -98,6 +98,10 @@ def server_context(material: Material) -> ssl.SSLContext:
     _load_pair(context, material.cert_file, material.key_file)
     if material.client_ca_file is not None:
         _load_cas(context, material.client_ca_file)
+        # A resumed session carries the certificate it began with, past a rotation
+        # that dropped its CA: with identities at stake, no session tickets.
+        context.num_tickets = 0
+        context.options |= ssl.OP_NO_TICKET
         context.verify_mode = (
             ssl.CERT_REQUIRED if material.require_client_cert else ssl.CERT_OPTIONAL
         )
@@ -116,7 +120,10 @@ class ServerTls:
         """Serve new handshakes from the files as they are now; on TlsError the
         running certificate, key and client CA stay in place."""
         fresh = server_context(material)
+        # What a connection takes from the listening context rather than the newest.
         self.context.verify_mode = fresh.verify_mode
+        self.context.num_tickets = fresh.num_tickets
+        self.context.options = fresh.options
         self._newest = fresh
 
     def _choose(self, connection: ssl.SSLObject | ssl.SSLSocket, _: str | None, __: object) -> None:

@@ -186,6 +186,17 @@ def test_client_certificates_are_verified_against_the_client_ca(files: Files) ->
             handshake(server, files.client_context(pair))
 
 
+def test_no_session_tickets_once_client_certificates_carry_identity(files: Files) -> None:
+    """A resumed session would keep a certificate whose CA a rotation dropped."""
+    pair = server_pair(files.ca, files.folder)
+    listener = tls.ServerTls(material(pair))
+    _, client, _ = handshake(listener.context, files.client_context())
+    assert client.session is not None and client.session.has_ticket
+    listener.reload(material(pair, files.client_ca))
+    _, client, _ = handshake(listener.context, files.client_context())
+    assert client.session is None or not client.session.has_ticket
+
+
 def test_required_client_certificates_refuse_a_client_without_one(files: Files) -> None:
     server = tls.server_context(
         material(server_pair(files.ca, files.folder), files.client_ca, require=True)
