@@ -38,6 +38,7 @@ bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes 
 	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/limits.py  # rate limits and shared state; writes docs/state.md
+	$(BIN)/python bench/tls.py
 
 soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
 	$(BIN)/python bench/soak.py

@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import os
 import secrets
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -39,10 +40,11 @@ from gateway import (
     service,
     state,
     supervisor,
+    tls,
     walk,
 )
 from gateway.config import Settings
-from gateway.identity import verifier_for
+from gateway.identity import PeerCert, verifier_for
 from gateway.principals import TrustedHeaders
 from gateway.signing import Secret, format_date, new_salt, parse
 from gateway.yamlsource import ConfigError
@@ -82,6 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_logged(args.config)
     if settings is None:
         return EXIT_CONFIG
+    for warning in settings.warnings:  # once, here: not again in every worker
+        logs.emit("config_warning", warning=str(warning))
     workers = args.workers if args.workers is not None else settings.workers
     if workers > 1:
         return _run(supervisor.supervise(settings, workers))
@@ -126,10 +130,23 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     elif os.environ.get("SANDBOX_API_SECRET"):
         secret = os.environ["SANDBOX_API_SECRET"].strip()
     keys = {args.api_key: Secret(secret)}
+    context = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.tls_cert is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"--tls-cert/--tls-key: cannot use them: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
 
     async def main() -> int:
         try:
-            await sandbox.run_sandbox(parsed.host, parsed.port, keys, delay_s=args.delay_s)
+            await sandbox.run_sandbox(
+                parsed.host, parsed.port, keys, delay_s=args.delay_s, ssl_context=context
+            )
         except OSError as exc:
             logs.emit("start_failed", error=f"cannot listen on {parsed}: {exc.strerror or exc}")
             return 1
@@ -252,6 +269,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         headers[trusted.role] = args.role
         if peer is None:
             peer = str(trusted.sources[0].network_address)
+    cert, handshake = None, None
+    if args.cert is not None:
+        checked = _client_certificate(args.cert, settings)
+        if checked is None:
+            return EXIT_CONFIG
+        cert, handshake = checked
+        if handshake.startswith("REFUSED"):
+            print(report.handshake_refused(args.method, args.target, handshake))
+            return 1
     decision = walk.decide(
         args.method,
         args.target,
@@ -262,9 +288,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         verifier_for(policy),
         time.time(),
         settings.max_body_bytes,
+        cert,
     )
-    print(report.explanation(decision, settings, assumed))
+    print(report.explanation(decision, settings, assumed, handshake))
     return 0 if decision.would_forward else 1
+
+
+def _client_certificate(path: str, settings: Settings) -> tuple[PeerCert, str] | None:
+    """``explain --cert``: the certificate's names, and what the handshake would say
+    of it ("REFUSED ..." or the line that it passed); None after a usage error."""
+    client_ca = settings.tls.client_ca_file if settings.tls is not None else None
+    if client_ca is None:
+        print(
+            "--cert: tls.client_ca_file is not set in this config, so the gateway asks"
+            " for no client certificate",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        chain = tls.read_certificates(path)
+    except tls.TlsError as exc:
+        print(f"--cert: {exc}", file=sys.stderr)
+        return None
+    cert = tls.certificate_identity(chain[0])
+    try:
+        tls.verify_client(chain, client_ca, datetime.now(UTC))
+    except tls.TlsError as exc:
+        return cert, f"REFUSED  {cert}: {exc}"
+    return cert, f"ok       {cert} (verified against {client_ca})"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -310,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
         help="file holding the accepted secret (else $SANDBOX_API_SECRET, else the demo secret)",
     )
     sb.add_argument("--delay-s", type=float, default=0.0, help="answer this much later")
+    sb.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (with --tls-key)")
+    sb.add_argument("--tls-key", help="its PEM private key")
     sb.set_defaults(func=cmd_sandbox)
     with_config("check-config", "validate config and policy").set_defaults(func=cmd_check_config)
     sign = with_config("sign", "print an Authorization header")
@@ -332,6 +385,12 @@ def parser() -> argparse.ArgumentParser:
     who.add_argument("--token", help="as a caller with this bearer token")
     who.add_argument("--principal", help="with --role: as if sent with trusted identity headers")
     explain.add_argument("--role", help="the role for --principal")
+    explain.add_argument(
+        "--cert",
+        metavar="FILE",
+        help="as if this PEM client certificate (chain) came with the TLS handshake;"
+        " it is checked against tls.client_ca_file first",
+    )
     explain.add_argument("--body", help="file holding the request body ('-': stdin)")
     explain.add_argument(
         "-H",

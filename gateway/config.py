@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,7 +48,7 @@ from pydantic import (
 )
 from yarl import URL
 
-from gateway import names, yamlsource
+from gateway import names, tls, yamlsource
 from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
@@ -65,11 +66,13 @@ from gateway.schema import (
     check,
     context,
     expand_env,
+    file_path,
     matching,
     plain,
     read_text,
     resolve,
     text,
+    warn,
 )
 from gateway.signing import Secret, Signer
 from gateway.yamlsource import ConfigError, Problem
@@ -191,6 +194,9 @@ class UpstreamSettings(Model):
     queue_timeout_s: SecondsOrZero = Field(
         0.1, description="how long a request may wait for one of them before 503 Overloaded"
     )
+    ca_file: Annotated[str, tls.ca_bundle(("upstream", "ca_file"))] | None = Field(
+        None, description="CAs trusted for an https url instead of the system's (relative path)"
+    )
 
     @field_validator("connect_timeout_s")
     @classmethod
@@ -199,6 +205,19 @@ class UpstreamSettings(Model):
         if total is not None and connect > total:
             raise Invalid("must not exceed timeout_s", near="timeout_s")
         return connect
+
+    @field_validator("ca_file")
+    @classmethod
+    def _for_https(cls, ca_file: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("url")
+        if ca_file is not None and isinstance(url, URL) and url.scheme != "https":
+            warn(info, "url is not https: ca_file is not used", at=("upstream", "ca_file"))
+        return ca_file
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How an https upstream is verified: None is the system's trust store."""
+        return tls.upstream_context(self.ca_file) if self.ca_file is not None else None
 
 
 def _secret_value(value: object) -> Secret:
@@ -290,10 +309,7 @@ HeaderName = Annotated[
 
 def _audit_file(value: object, info: ValidationInfo) -> str:
     """The audit file's path, if the gateway will be able to append to it."""
-    name = text(expand_env(value))
-    if not name:
-        raise Invalid("is empty")
-    path = resolve(info, name, output=True)  # written, not read: no reason to reload
+    path = file_path(value, info, output=True)  # written, not read: no reason to reload
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise Invalid(f"{path} is a folder, not a file")
@@ -389,6 +405,29 @@ class StateSettings(Model):
         return self
 
 
+class TlsSettings(Model):
+    """HTTPS on the proxy port (gateway/tls.py); the admin port stays plain HTTP."""
+
+    cert_file: Annotated[str, PlainValidator(tls.cert_file)] = Field(
+        description="PEM certificate (chain), relative to this file; reloaded on SIGHUP"
+    )
+    key_file: Annotated[str, PlainValidator(tls.key_file)] = Field(
+        description="its unencrypted PEM private key; reloaded on SIGHUP"
+    )
+    client_ca_file: Annotated[str, tls.ca_bundle(("tls", "client_ca_file"))] | None = Field(
+        None, description="PEM CAs that client certificates are verified against"
+    )
+    require_client_cert: Bool = Field(
+        False, description="refuse a handshake without a verified client certificate"
+    )
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> TlsSettings:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise Invalid("needs client_ca_file to verify them with", at=("require_client_cert",))
+        return self
+
+
 class Settings(Model):
     """Everything one load read: gateway.yaml, its policy and its secret."""
 
@@ -430,9 +469,13 @@ class Settings(Model):
     reload_on_change: Bool = Field(
         False, description="reload as on SIGHUP when a file the config was read from changes"
     )
+    tls: TlsSettings | None = Field(
+        None, description="HTTPS on the proxy port, client certificates; absent = plain HTTP"
+    )
     _path: str = PrivateAttr("")
     _sha256: str = PrivateAttr("")
     _files: tuple[str, ...] = PrivateAttr(())
+    _warnings: tuple[Problem, ...] = PrivateAttr(())
 
     @field_validator("credentials", mode="wrap")
     @classmethod
@@ -476,6 +519,22 @@ class Settings(Model):
                 kept.append(name)
         return tuple(kept)
 
+    @model_validator(mode="after")
+    def _certificates_can_arrive(self, info: ValidationInfo) -> Settings:
+        named = [p.name for p in self.policy.principals if p.cert is not None]
+        if named and (self.tls is None or self.tls.client_ca_file is None):
+            shown = ", ".join(named[:3]) + (", …" if len(named) > 3 else "")
+            why = (
+                f"no tls.client_ca_file, so no client certificate is verified: {shown} cannot call"
+            )
+            warn(info, why, at=("tls",) if self.tls else ("policy",))
+        return self
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        """Everything the load noted that does not stop it, config first, then policy."""
+        return self._warnings + self.policy.warnings
+
     @property
     def config_path(self) -> str:
         """The config file as given on the command line."""
@@ -506,20 +565,10 @@ class Settings(Model):
         """Where the secret came from ("file PATH" or "environment"): never its value."""
         return self.signer.secret.source
 
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        """What loads but is probably a mistake, each as ``FILE: key.path: message``.
-
-        ``check-config`` prints them (exit 0) and ``serve`` logs them at start and
-        at every reload. A check of the config's own keys goes here; one of the
-        policy's goes in ``Policy.warnings``.
-        """
-        return self.policy.warnings
-
 
 # What a reload cannot change in a running process: listeners are bound, the
 # tracer provider is made once, the state is kept where it was opened.
-RESTART_KEYS = ("listen", "admin_listen", "tracing", "state")
+RESTART_KEYS = ("listen", "admin_listen", "tracing", "state", "tls")
 
 
 def restart_needed_for(fresh: Settings, started: Settings) -> list[str]:
@@ -532,9 +581,12 @@ def restart_needed_for(fresh: Settings, started: Settings) -> list[str]:
 
 def _restart_key(value: object) -> object:
     """What of a key only a restart applies: for ``state``, where the state is kept
-    (its on_error and replay_salts apply from the next request on)."""
+    (its on_error and replay_salts apply from the next request on); for ``tls``,
+    whether the port speaks HTTPS at all (its certificate and key reload)."""
     if isinstance(value, StateSettings):
         return (value.backend, value.url, value.key_prefix, value.timeout_s)
+    if isinstance(value, TlsSettings):
+        return "https"  # the port speaks what it was bound to; its files reload
     return value
 
 
@@ -562,4 +614,5 @@ def load(config_path: str = DEFAULT_CONFIG, *, skip: frozenset[str] = frozenset(
     settings._path = config_path
     settings._sha256 = hashlib.sha256(config_text.encode()).hexdigest()
     settings._files = tuple(dict.fromkeys(files))
+    settings._warnings = tuple(doc.warnings)
     return settings

@@ -31,14 +31,14 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, PrivateAttr
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationInfo, model_validator
 
 from gateway import yamlsource
 from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
 from gateway.limits import Limit
 from gateway.principals import Principal, Roles, TrustedHeaders
 from gateway.routes import UNMATCHED, BodyRule, Route
-from gateway.schema import Model, none_as_empty, read_text
+from gateway.schema import Model, none_as_empty, read_text, warn
 from gateway.yamlsource import Problem
 
 __all__ = ["UNMATCHED", "Policy", "parse_policy", "read_policy"]
@@ -47,7 +47,7 @@ __all__ = ["UNMATCHED", "Policy", "parse_policy", "read_policy"]
 class Policy(Model):
     roles: Roles = Field(description="every role, lowest first")
     principals: Annotated[tuple[Principal, ...], BeforeValidator(none_as_empty)] = Field(
-        (), description="the callers with a token or an internal key pair"
+        (), description="the callers with a token, an internal key pair or a certificate"
     )
     trusted_headers: TrustedHeaders | None = Field(
         None, description="identity headers honoured from trusted peers; absent = off"
@@ -58,6 +58,7 @@ class Policy(Model):
     )
     _path: str = PrivateAttr("")
     _sha256: str = PrivateAttr("")
+    _warnings: tuple[Problem, ...] = PrivateAttr(())
 
     @property
     def path(self) -> str:
@@ -70,21 +71,42 @@ class Policy(Model):
         return self._sha256
 
     @property
-    def warnings(self) -> tuple[str, ...]:
-        """What loads but is probably a mistake (see ``Settings.warnings``)."""
-        found = []
+    def warnings(self) -> tuple[Problem, ...]:
+        """What its load noted that does not stop it (``schema.warn``)."""
+        return self._warnings
+
+    @model_validator(mode="after")
+    def _probably_a_mistake(self, info: ValidationInfo) -> Policy:
+        """What loads but is probably a mistake: a warning, not an error."""
         if not self.principals:
-            who = "only trusted headers" if self.trusted_headers else "nobody: every request is 401"
-            found.append(f"{self.path}: principals: none listed, so {who} can identify a caller")
+            who = (
+                "only trusted headers can identify a caller"
+                if self.trusted_headers
+                else "nobody can be identified: every request is 401"
+            )
+            warn(info, f"none listed, so {who}", at=("principals",))
         for i, principal in enumerate(self.principals):
             digest = principal.token_sha256
             if digest is not None and len(set(digest)) == 1:
-                found.append(
-                    f"{self.path}: principals[{i}].token_sha256: {digest[:8]}… is a placeholder"
-                    f" no token hashes to ({principal.name} cannot call); mint one with"
-                    " `solapi-gateway token new`"
+                warn(
+                    info,
+                    f"{digest[:8]}… is a placeholder no token hashes to ({principal.name} cannot"
+                    " call); mint one with `solapi-gateway token new`",
+                    at=("principals", i, "token_sha256"),
                 )
-        return tuple(found)
+        for i, limit in enumerate(self.limits):
+            for route in self.routes:
+                batch = route.batch
+                counted = limit.unit == "items" and batch is not None and limit.counts(route.name)
+                if counted and batch is not None and batch.max_items > limit.capacity:
+                    warn(
+                        info,
+                        f"lets {limit.capacity} items pass at once, but route {route.name}"
+                        f" allows batches of {batch.max_items}: larger batches than the"
+                        " burst can never pass",
+                        at=("limits", i),
+                    )
+        return self
 
     @cached_property
     def rank(self) -> Mapping[str, int]:
@@ -97,6 +119,11 @@ class Policy(Model):
     @cached_property
     def by_hmac_key(self) -> Mapping[str, Principal]:
         return {p.hmac_key: p for p in self.principals if p.hmac_key}
+
+    @cached_property
+    def by_cert(self) -> Mapping[tuple[str, str], Principal]:
+        """Principals by the (kind, value) their client certificate must carry."""
+        return {p.cert.match: p for p in self.principals if p.cert is not None}
 
     @cached_property
     def exact_routes(self) -> Mapping[str, tuple[Route, ...]]:
@@ -192,6 +219,7 @@ def parse_policy(
     if policy is not None and not doc.problems:
         policy._path = name
         policy._sha256 = hashlib.sha256(text.encode()).hexdigest()
+        policy._warnings = tuple(doc.warnings)
         return policy, []
     return None, doc.problems
 

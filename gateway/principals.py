@@ -1,9 +1,10 @@
 """Who may call: the policy's ``roles``, ``principals`` and ``trusted_headers``.
 
     roles:            [VIEWER, MEMBER, OWNER]        lowest first
-    principals:       - name, role, and either token_sha256 (a bearer token's
-                        SHA-256) or hmac_key + hmac_secret (an internal key pair
-                        an SDK signs with)
+    principals:       - name, role, and one way in: token_sha256 (a bearer
+                        token's SHA-256), hmac_key + hmac_secret (an internal key
+                        pair an SDK signs with), or cert (a name in its verified
+                        client certificate: uri, dns or cn)
     trusted_headers:  principal + role header names, honoured only from sources
 
 Each key is declared once, here; ``gateway/identity.py`` uses these to decide
@@ -87,6 +88,7 @@ _TWICE = {
     "principal": "principal {} is listed twice",
     "token": "token used twice",
     "hmac_key": "key used twice",
+    "cert": "certificate identity used twice",
 }
 
 
@@ -108,6 +110,45 @@ def secret_value(value: object, info: ValidationInfo) -> Secret:
     return Secret(value.strip())
 
 
+class CertMatch(Model):
+    """The name in a client certificate that identifies a principal: exactly one of
+    a subjectAltName URI (SPIFFE IDs), a subjectAltName DNS name, the subject's CN.
+    Matched exactly (DNS names without regard to case; no wildcards)."""
+
+    uri: Str | None = Field(None, description="a subjectAltName URI, e.g. spiffe://corp/billing")
+    dns: Str | None = Field(None, description="a subjectAltName DNS name, e.g. billing.internal")
+    cn: Str | None = Field(None, description="the subject's common name")
+
+    @model_validator(mode="after")
+    def _exactly_one(self, info: ValidationInfo) -> CertMatch:
+        given = [(kind, value) for kind, value in self.given() if value is not None]
+        if len(given) != 1:
+            raise Invalid("give exactly one of uri, dns and cn")
+        kind, value = given[0]
+        if not value or value != value.strip():
+            raise Invalid("is empty" if not value else "has surrounding spaces", at=(kind,))
+        used = seen(info, "cert")
+        if str(self) in used:
+            raise Invalid(_TWICE["cert"], at=(kind,))
+        used.add(str(self))
+        return self
+
+    def given(self) -> tuple[tuple[str, str | None], ...]:
+        return (("uri", self.uri), ("dns", self.dns), ("cn", self.cn))
+
+    @property
+    def match(self) -> tuple[str, str]:
+        """(kind, value) as ``identity`` looks it up: DNS names lowercased."""
+        for kind, value in self.given():
+            if value is not None:
+                return kind, value.lower() if kind == "dns" else value
+        raise AssertionError("validated to hold one")
+
+    def __str__(self) -> str:
+        kind, value = self.match
+        return f"{kind} {value}"
+
+
 class Principal(Model):
     """A caller the policy names, with the one way it proves who it is."""
 
@@ -125,14 +166,18 @@ class Principal(Model):
     hmac_secret: Annotated[Secret, PlainValidator(secret_value)] | None = Field(
         None, description="that key's secret, e.g. ${VAR}"
     )
+    cert: CertMatch | None = Field(
+        None, description="or the verified client certificate naming it (see docs/tls.md)"
+    )
 
     @model_validator(mode="after")
     def _one_way_in(self) -> Principal:
         has_token = self.token_sha256 is not None
         has_hmac = self.hmac_key is not None or self.hmac_secret is not None
+        has_cert = self.cert is not None
         problems = []
-        if has_token == has_hmac:
-            problems.append(Invalid("give either token_sha256, or hmac_key with hmac_secret"))
+        if has_token + has_hmac + has_cert != 1:
+            problems.append(Invalid("give one of token_sha256, hmac_key with hmac_secret, or cert"))
         if has_hmac:
             problems += [
                 Invalid("required with an internal HMAC key pair", at=(part,))

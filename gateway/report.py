@@ -79,41 +79,24 @@ def policy_summary(policy: Policy) -> list[str]:
         t = policy.trusted_headers
         trusted = f"{t.principal}/{t.role} from {', '.join(str(n) for n in t.sources)}"
     tokens = sum(p.token_sha256 is not None for p in policy.principals)
+    certs = sum(p.cert is not None for p in policy.principals)
     lines = [
         f"policy {policy.path}: roles {' < '.join(policy.roles)}",
         f"  {len(policy.principals)} principal(s): {tokens} with a token, "
-        f"{len(policy.principals) - tokens} with an internal key pair",
+        f"{len(policy.principals) - tokens - certs} with an internal key pair"
+        + (f", {certs} by client certificate" if certs else ""),
         f"  trusted headers {trusted}",
         f"  {len(policy.routes)} route(s):",
     ]
     lines += [f"    {route_line(r)}" for r in policy.routes]
     lines += [f"  {len(policy.limits)} rate limit(s):" if policy.limits else "  rate limits: none"]
     lines += [f"    {limit_line(limit)}" for limit in policy.limits]
-    lines += [f"warning: {warning}" for warning in limit_warnings(policy)]
     return lines
 
 
 def limit_line(limit: Limit) -> str:
     routes = "every route" if ANY_ROUTE in limit.routes else ", ".join(limit.routes)
     return f"{limit.name}: {limit.describe()}; on {routes}"
-
-
-def limit_warnings(policy: Policy) -> list[str]:
-    """Items limits whose burst is smaller than a batch their routes allow: such a
-    batch can never pass (429 every time), which is rarely what was meant."""
-    warnings = []
-    for limit in policy.limits:
-        if limit.unit != "items":
-            continue
-        for route in policy.routes:
-            batch = route.batch
-            if batch is not None and limit.counts(route.name) and batch.max_items > limit.capacity:
-                warnings.append(
-                    f"limit {limit.name} lets {limit.capacity} items pass at once, but route "
-                    f"{route.name} allows batches of {batch.max_items}: larger batches "
-                    "than the burst can never pass"
-                )
-    return warnings
 
 
 def route_line(r: Route) -> str:
@@ -129,9 +112,14 @@ def route_line(r: Route) -> str:
     return f"{r.name}: {r.method} {r.path}  {r.min_role}+{shown}"
 
 
-def explanation(decision: walk.Decision, settings: Settings, assumed: str = "") -> str:
-    """``explain``'s answer: one line per step of the walk, then the verdict."""
+def explanation(
+    decision: walk.Decision, settings: Settings, assumed: str = "", handshake: str | None = None
+) -> str:
+    """``explain``'s answer: one line per step of the walk, then the verdict.
+    ``handshake``: what the TLS handshake made of a client certificate (``--cert``)."""
     lines = [f"{decision.method} {decision.target}  (nothing is sent)"]
+    if handshake is not None:
+        lines.append(f"  {'tls':<9} {handshake}")
     reached = {step.name: step for step in decision.steps}
     for name in walk.STEPS:
         step = reached.get(name)
@@ -145,6 +133,14 @@ def explanation(decision: walk.Decision, settings: Settings, assumed: str = "") 
     else:
         url = str(settings.upstream.url).rstrip("/") + decision.target
         lines.append(f"would forward: {decision.method} {url}")
+    return "\n".join(lines)
+
+
+def handshake_refused(method: str, target: str, why: str) -> str:
+    """``explain --cert`` with a certificate the handshake refuses: no request is read."""
+    lines = [f"{method} {target}  (nothing is sent)", f"  {'tls':<9} {why}"]
+    lines += [f"  {name:<9} -        not reached" for name in walk.STEPS]
+    lines.append("would refuse: the TLS handshake (connection closed; no HTTP answer)")
     return "\n".join(lines)
 
 

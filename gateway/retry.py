@@ -117,6 +117,7 @@ class Retrying:
                 request.body,
                 remaining,
                 min(settings.connect_timeout_s, remaining),
+                settings.ssl_context,
             )
             tally.attempts += 1
             try:

@@ -21,6 +21,7 @@ Validation context (``info.context``), set by the loader:
     roles     the policy's roles, once they validated, for role references
     files     every file a key names that the load reads (``resolve``): what
               ``Settings.watched_files`` reports and ``reload_on_change`` polls
+    warnings  what ``warn`` recorded: problems that do not stop a load
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def seen(info: ValidationInfo, kind: str) -> set[str]:
     """The names of ``kind`` used so far in this load (a twin is a problem)."""
     found: dict[str, set[str]] = context(info).setdefault("seen", {})
     return found.setdefault(kind, set())
+
+
+def warn(info: ValidationInfo, message: str, *, at: Loc) -> None:
+    """Note something worth an operator's attention that does not stop the load
+    (a certificate about to expire). ``at`` is the key's whole path from the top
+    of the file being read, e.g. ``("tls", "cert_file")``: it becomes
+    ``FILE:LINE: tls.cert_file: message``, which ``check-config`` prints after its
+    summary (exit 0) and ``serve`` logs as it starts and reloads."""
+    context(info).setdefault("warnings", []).append((at, message))
 
 
 # --- plain values: never coerced ------------------------------------------------------
@@ -218,6 +228,15 @@ def resolve(info: ValidationInfo, name: str, *, output: bool = False) -> str:
         if isinstance(files, list):
             files.append(path)
     return path
+
+
+def file_path(value: object, info: ValidationInfo, *, output: bool = False) -> str:
+    """A file's path as written (``${VAR}`` allowed), relative to the file being read
+    (``output``: one the gateway writes, see ``resolve``)."""
+    name = text(expand_env(value))
+    if not name:
+        raise Invalid("is empty")
+    return resolve(info, name, output=output)
 
 
 def read_text(path: str) -> str:

@@ -37,13 +37,14 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.headers import downstream_headers, new_request_id, request_id, upstream_headers
-from gateway.identity import verifier_for
+from gateway.identity import peer_cert, verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.state import State
+from gateway.tls import ServerTls
 from gateway.transport import Answer, Failure, UpstreamRequest
 from gateway.upstream import Upstream
 
@@ -110,6 +111,7 @@ class Gateway:
         self.upstream = Upstream()
         self.draining = False
         self.audit: logs.AuditLog | None = None  # opened by the service when configured
+        self.tls: ServerTls | None = None  # the proxy port's TLS, set up by the service
 
     def swap(self, settings: Settings) -> None:
         """Use a newly loaded config from the next request on."""
@@ -173,7 +175,10 @@ class Gateway:
             # After the route lookup, so that even ShuttingDown is counted by route.
             if self.draining:
                 raise ShuttingDown("The gateway is shutting down; retry on another instance.")
-            walk.identify(decision, request.headers, entry.peer, policy, loaded.verifier, now)
+            # Only a certificate the handshake verified: getpeercert() is empty otherwise.
+            transport = request.transport
+            cert = peer_cert(transport.get_extra_info("peercert")) if transport else None
+            walk.identify(decision, request.headers, entry.peer, policy, loaded.verifier, now, cert)
             # The shared state (gateway/state.py) answers what the pure walk cannot:
             # an HMAC caller's salt before the route step, the rate limits last.
             await self.state.remember(decision, settings, self.metrics)

@@ -1,9 +1,9 @@
 """Running one gateway process: what it starts, in which order, how it stops.
 
-    SIGHUP           reload config, policy and secret file together; keep the
-                     old set if anything is invalid; reopen the audit log
-                     (``reload_on_change: true`` does the same when a file changes,
-                     gateway/watch.py)
+    SIGHUP           reload config, policy, secret file and TLS certificate, key
+                     and client CA together; keep the old set if anything is
+                     invalid; reopen the audit log (``reload_on_change: true``
+                     does the same when a file changes, gateway/watch.py)
     SIGUSR1          only reopen the audit log (after logrotate moved it)
     SIGTERM/SIGINT   /readyz → 503, stop accepting, let in-flight requests
                      finish within shutdown_grace_s, exit 0 (another signal
@@ -13,8 +13,8 @@
 ``AsyncExitStack`` as soon as it is started:
 
     state → tracing → audit log → upstream session → admin listener
-          → signal handlers and the file watcher → proxy listener
-          → the mark that starts a drain
+          → signal handlers and the file watcher → proxy listener (HTTPS with
+          ``tls:``) → the mark that starts a drain
 
 Every way out (a start that fails, the drain after SIGTERM, cancellation)
 unwinds that one stack in reverse. Once the proxy listened, that begins with
@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import __version__, admin, config, logs, state, tracing
+from gateway import __version__, admin, config, logs, state, tls, tracing
 from gateway.config import Address, Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
@@ -106,11 +106,14 @@ def reload(
     try:
         fresh = config.load(current.config_path)
         _reopen_audit(gateway, fresh.audit_log)
+        reload_tls(gateway, fresh)
     except ConfigError as exc:
         return _reload_failed(gateway, count, [str(p) for p in exc.problems], status, process)
     except OSError as exc:
         why = f"{fresh.audit_log}: cannot open the audit log: {exc.strerror or exc}"
         return _reload_failed(gateway, count, [why], status, process)
+    except tls.TlsError as exc:
+        return _reload_failed(gateway, count, [f"tls: {exc}"], status, process)
     gateway.swap(fresh)
     gateway.metrics.principals = named_principals(fresh)
     if count:
@@ -124,9 +127,18 @@ def reload(
         routes=len(fresh.policy.routes),
         principals=len(fresh.policy.principals),
         **({"restart_needed_for": moved} if moved else {}),
-        **({"warnings": list(fresh.warnings)} if fresh.warnings else {}),
+        **({"warnings": [str(w) for w in fresh.warnings]} if fresh.warnings else {}),
     )
     return True
+
+
+def reload_tls(gateway: Gateway, settings: Settings) -> None:
+    """Serve new handshakes with the certificate, key and client CA that ``settings``
+    name, as the files are now (connections already open keep theirs). Raises
+    ``tls.TlsError`` and changes nothing if they cannot be used. Nothing to do on a
+    plain-HTTP port, or when ``tls:`` was removed (that takes a restart)."""
+    if gateway.tls is not None and settings.tls is not None:
+        gateway.tls.reload(settings.tls)
 
 
 def _reload_failed(
@@ -174,6 +186,7 @@ async def serve(
                 process,
                 version=__version__,
                 listen=str(settings.listen),
+                scheme="https" if settings.tls is not None else "http",
                 **({} if shared else {"admin_listen": str(settings.admin_listen)}),
                 upstream=str(settings.upstream.url),
                 routes=len(settings.policy.routes),
@@ -200,6 +213,11 @@ async def _start(
     metrics = Metrics(multiprocess_dir=shared.metrics_dir if shared else None)
     gateway = Gateway(settings, metrics, chosen, tracer)
     metrics.principals = named_principals(settings)
+    if settings.tls is not None:
+        try:
+            gateway.tls = tls.ServerTls(settings.tls)
+        except tls.TlsError as exc:  # the files changed since they were checked
+            raise StartFailed(f"tls: {exc}") from None
     try:
         gateway.audit = open_audit(settings)
     except OSError as exc:
@@ -238,7 +256,12 @@ async def _start(
     address = settings.listen
     try:
         await web.TCPSite(
-            proxy, address.host, address.port, backlog=1024, reuse_port=shared is not None or None
+            proxy,
+            address.host,
+            address.port,
+            backlog=1024,
+            reuse_port=shared is not None or None,
+            ssl_context=gateway.tls.context if gateway.tls is not None else None,
         ).start()
     except OSError as exc:
         raise StartFailed(cannot_listen(address, exc)) from None

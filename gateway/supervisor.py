@@ -156,7 +156,7 @@ class Supervisor:
         self._emit(
             "reloading_workers",
             **({"restart_needed_for": moved} if moved else {}),
-            **({"warnings": list(fresh.warnings)} if fresh.warnings else {}),
+            **({"warnings": [str(w) for w in fresh.warnings]} if fresh.warnings else {}),
         )
         self._signal_all(signal.SIGHUP)
 

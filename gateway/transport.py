@@ -23,6 +23,7 @@ the retry layer is tested with a transport that returns scripted answers, and
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -58,6 +59,8 @@ class Outgoing:
     body: bytes | None
     timeout_s: float  # connecting, sending and reading the whole answer
     connect_timeout_s: float
+    # How an https upstream is verified (upstream.ca_file); None: the system's CAs.
+    ssl_context: ssl.SSLContext | None = None
 
 
 class Failure(Exception):
@@ -133,6 +136,8 @@ class AiohttpTransport:
                 data=outgoing.body,
                 allow_redirects=False,
                 timeout=timeout,
+                # Never False: certificate and host name are always checked.
+                ssl=outgoing.ssl_context or True,
             )
         except Exception as exc:
             raise failure(exc) from None

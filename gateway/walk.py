@@ -55,7 +55,7 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from gateway.identity import Caller
+from gateway.identity import Caller, PeerCert
 from gateway.identity import identify as identify_caller
 from gateway.limits import Charge
 from gateway.policy import UNMATCHED, Policy
@@ -156,9 +156,11 @@ def admit(
     policy: Policy,
     verifier: Verifier,
     now: float,
+    cert: PeerCert | None = None,
 ) -> None:
-    """Steps 2-4 and the path parameters, after ``locate``; raises the first refusal."""
-    identify(d, headers, peer, policy, verifier, now)
+    """Steps 2-4 and the path parameters, after ``locate``; raises the first refusal.
+    ``cert``: the client certificate the TLS handshake verified, if any."""
+    identify(d, headers, peer, policy, verifier, now, cert)
     authorize(d, policy)
 
 
@@ -169,11 +171,12 @@ def identify(
     policy: Policy,
     verifier: Verifier,
     now: float,
+    cert: PeerCert | None = None,
 ) -> None:
     """Step 2. An HMAC signature is checked here; whether its salt is new is the
     replay memory's to say (gateway/state.py), before ``authorize``."""
     with d.step("identity") as note:
-        caller = d.caller = identify_caller(headers, peer, policy, verifier, now)
+        caller = d.caller = identify_caller(headers, peer, policy, verifier, now, cert)
         memory = "; a reused salt is known only to the running gateway" if caller.signed else ""
         note(f"{caller.principal} (role {caller.role}, via {caller.via}{memory})")
 
@@ -277,12 +280,13 @@ def decide(
     verifier: Verifier,
     now: float,
     max_body_bytes: int,
+    cert: PeerCert | None = None,
 ) -> Decision:
     """The whole walk for a body already in hand; a refusal is in ``Decision.error``."""
     d = Decision(method, target)
     try:
         locate(d, headers, policy)
-        admit(d, headers, peer, policy, verifier, now)
+        admit(d, headers, peer, policy, verifier, now, cert)
         check_body(d, headers, body, policy, max_body_bytes)
     except GatewayError:
         pass  # recorded in d.error and in the step that refused

@@ -71,6 +71,7 @@ class Document:
     lines: dict[Loc, int] = field(default_factory=dict)  # where each value starts
     key_lines: dict[Loc, int] = field(default_factory=dict)  # where each key is written
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # see schema.warn
 
     def error(
         self, loc: Loc, message: str, *, key_line: bool = False, near: str | None = None
@@ -159,15 +160,19 @@ class _Reader:
 
 
 def validate(model: type[M], doc: Document, context: dict[str, Any]) -> M | None:
-    """``model`` from the document's data, or None with every problem recorded in it."""
+    """``model`` from the document's data, or None with every problem recorded in it.
+    The warnings its validators noted (``schema.warn``) go to ``doc.warnings``."""
     if doc.data is None and doc.problems:
         return None
     try:
-        return model.model_validate(doc.data, context=context)
+        valid = model.model_validate(doc.data, context=context)
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             _record(doc, model, error)
         return None
+    for loc, message in context.get("warnings", ()):
+        doc.warnings.append(Problem(doc.name, doc.line(loc, key_line=True), path(loc), message))
+    return valid
 
 
 def _record(doc: Document, model: type[BaseModel], error: ErrorDetails) -> None:

@@ -498,7 +498,7 @@ def test_check_config_warns_of_an_empty_principals_list_and_a_placeholder_hash(
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout.splitlines()[0].endswith(": OK")
     (warning,) = [line for line in empty.stdout.splitlines() if line.startswith("warning:")]
-    assert "policy.yaml: principals: none listed, so nobody: every request is 401" in warning
+    assert "policy.yaml:2: principals: none listed, so nobody can be identified" in warning
 
     zeros = "0" * 64
     (tmp_path / "policy.yaml").write_text(

@@ -447,7 +447,7 @@ CONFIG_CASES: list[tuple[str, str, str, str, str]] = [
     # (id, old text, new text with MARK on the expected line, key path, message part)
     ("unknown-top", "policy:", f"listn: x  {MARK}\npolicy:", "listn", "unknown key (allowed: "),
     ("unknown-upstream", "  timeout_s: 10", f"  timeout_s: 10\n  retries: 3  {MARK}",
-     "upstream.retries", "unknown key (allowed: connect_timeout_s, max_concurrent, "),
+     "upstream.retries", "unknown key (allowed: ca_file, connect_timeout_s, max_concurrent, "),
     ("unknown-credentials", '  api_key: "NCSTESTKEY000001"',
      f'  api_key: "NCSTESTKEY000001"\n  api_secrets: x  {MARK}', "credentials.api_secrets",
      "unknown key (allowed: api_key, api_secret, api_secret_file)"),
@@ -824,7 +824,7 @@ def test_a_principal_with_both_a_token_and_a_key_pair_is_an_error(tmp_path: Path
     path = write(tmp_path, policy=policy)
     pp, line = policy_path_of(path), line_of(policy, "name: billing-svc")
     assert problems(path) == [
-        f"{pp}:{line}: principals[0]: give either token_sha256, or hmac_key with hmac_secret",
+        f"{pp}:{line}: principals[0]: give one of token_sha256, hmac_key with hmac_secret, or cert",
         f"{pp}:{line}: principals[0].hmac_secret: required with an internal HMAC key pair",
     ]
 
@@ -974,7 +974,7 @@ def test_principal_with_neither_token_nor_hmac_key(tmp_path: Path) -> None:
     path = write(tmp_path, policy=policy)
     assert problems(path) == [
         f"{policy_path_of(path)}:3: principals[0]: "
-        "give either token_sha256, or hmac_key with hmac_secret"
+        "give one of token_sha256, hmac_key with hmac_secret, or cert"
     ]
 
 

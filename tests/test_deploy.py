@@ -339,7 +339,7 @@ def test_the_sidecar_config_passes_check_config_as_mounted(
     assert settings.admin_listen == config.Address("10.1.2.3", 9090)
     assert settings.reload_on_change  # an edited ConfigMap applies itself
     # The shipped placeholder hash is one the operator must replace: check-config says so.
-    assert any("token_sha256" in warning for warning in settings.warnings)
+    assert any("token_sha256" in str(warning) for warning in settings.warnings)
     assert (settings.signer.api_key, settings.secret_source) == (
         "NCSK8SEXAMPLE001",
         f"file {tmp_path / 'api_secret'}",

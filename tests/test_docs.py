@@ -42,7 +42,7 @@ BLOCK_TIMEOUT_S = 60
 
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 _DIRECTIVE = re.compile(
-    r"^\s*<!--\s*(?P<name>not run|expect|env|needs)\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$"
+    r"^\s*<!--\s*(?P<name>not run|expect|env|needs|walkthrough)\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$"
 )
 
 

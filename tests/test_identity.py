@@ -12,9 +12,9 @@ from multidict import CIMultiDict
 
 from gateway import signing
 from gateway.errors import Unauthorized
-from gateway.identity import Caller, identify, verifier_for
+from gateway.identity import Caller, PeerCert, identify, peer_cert, verifier_for
 from gateway.policy import Policy
-from gateway.principals import Principal, TrustedHeaders
+from gateway.principals import CertMatch, Principal, TrustedHeaders
 from gateway.signing import Secret
 
 TOKENS = {"VIEWER": "viewer-token", "MEMBER": "member-token", "OWNER": "owner-token"}
@@ -210,3 +210,96 @@ def test_ipv4_mapped_peers_on_a_dual_stack_listener_are_matched_as_ipv4() -> Non
     caller = who({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}, "::ffff:127.0.0.1")
     assert caller.role == "OWNER"
     refused({"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}, "::ffff:10.0.0.1")
+
+
+# --- verified client certificates ------------------------------------------------------------
+
+CERT_PRINCIPALS = (
+    Principal(name="billing-svc", role="MEMBER", cert=CertMatch(uri="spiffe://corp/billing")),
+    Principal(name="reports-svc", role="VIEWER", cert=CertMatch(dns="Reports.Internal")),
+    Principal(name="ops-svc", role="OWNER", cert=CertMatch(cn="ops-svc")),
+)
+CERT_POLICY = POLICY.model_copy(update={"principals": POLICY.principals + CERT_PRINCIPALS})
+BILLING = PeerCert(uris=("spiffe://corp/billing",), cns=("billing",))
+STRANGER = PeerCert(uris=("spiffe://corp/stranger",), dns=("stranger.internal",))
+
+
+def by_cert(
+    cert: PeerCert | None, headers: dict[str, str] | None = None, peer: str = "127.0.0.1"
+) -> Caller:
+    policy = CERT_POLICY
+    return identify(
+        CIMultiDict(headers or {}), peer, policy, verifier_for(policy), time.time(), cert
+    )
+
+
+def cert_refused(cert: PeerCert, headers: dict[str, str] | None = None) -> str:
+    with pytest.raises(Unauthorized) as err:
+        by_cert(cert, headers)
+    assert err.value.reason
+    return err.value.reason
+
+
+def test_a_verified_certificate_names_its_principal_by_uri_dns_or_cn() -> None:
+    assert by_cert(BILLING) == Caller("billing-svc", "MEMBER", "cert")
+    # DNS names match whatever their letter case; a URI or a CN only exactly.
+    assert by_cert(PeerCert(dns=("reports.INTERNAL",))) == Caller("reports-svc", "VIEWER", "cert")
+    assert by_cert(PeerCert(cns=("ops-svc",))) == Caller("ops-svc", "OWNER", "cert")
+    assert "matches no principal" in cert_refused(PeerCert(uris=("SPIFFE://corp/billing",)))
+    assert "matches no principal" in cert_refused(PeerCert(cns=("OPS-SVC",)))
+
+
+def test_a_wildcard_name_in_a_certificate_is_not_expanded() -> None:
+    assert "matches no principal" in cert_refused(PeerCert(dns=("*.internal",)))
+
+
+def test_authorization_wins_over_a_certificate() -> None:
+    caller = by_cert(BILLING, {"Authorization": f"Bearer {TOKENS['VIEWER']}"})
+    assert caller == Caller("viewer-svc", "VIEWER", "token")
+    # ... even when it is refused: the certificate is no fallback for a bad token.
+    assert cert_refused(BILLING, {"Authorization": "Bearer nope"}) == "unknown bearer token"
+
+
+def test_a_certificate_wins_over_trusted_headers() -> None:
+    trusted = {"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}
+    assert by_cert(BILLING, trusted) == Caller("billing-svc", "MEMBER", "cert")
+
+
+def test_a_certificate_naming_no_principal_leaves_it_to_the_trusted_headers() -> None:
+    trusted = {"X-Internal-Principal": "ops", "X-Internal-Role": "OWNER"}
+    assert by_cert(STRANGER, trusted) == Caller("ops", "OWNER", "trusted-headers")
+    # From an untrusted peer the headers do not count, and neither does the certificate.
+    with pytest.raises(Unauthorized):
+        by_cert(STRANGER, trusted, peer="10.1.2.3")
+
+
+def test_a_certificate_naming_no_principal_alone_is_401_naming_what_it_holds() -> None:
+    assert cert_refused(STRANGER) == (
+        "client certificate matches no principal"
+        " (uri spiffe://corp/stranger, dns stranger.internal)"
+    )
+
+
+def test_a_certificate_naming_two_principals_is_401_not_a_pick() -> None:
+    both = PeerCert(uris=("spiffe://corp/billing",), cns=("ops-svc",))
+    assert (
+        cert_refused(both) == "client certificate matches several principals: billing-svc, ops-svc"
+    )
+
+
+def test_getpeercert_output_becomes_the_names_matched() -> None:
+    parsed = {
+        "subject": ((("organizationName", "corp"),), (("commonName", "billing"),)),
+        "subjectAltName": (
+            ("DNS", "billing.internal"),
+            ("URI", "spiffe://corp/billing"),
+            ("IP Address", "10.0.0.1"),
+            ("email", "ops@corp.example"),
+        ),
+    }
+    assert peer_cert(parsed) == PeerCert(
+        uris=("spiffe://corp/billing",), dns=("billing.internal",), cns=("billing",)
+    )
+    # Without a verified certificate getpeercert() is empty (or there is no TLS at all).
+    assert peer_cert({}) is None
+    assert peer_cert(None) is None

@@ -51,6 +51,7 @@ import asyncio
 import functools
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -312,15 +313,18 @@ async def run_sandbox(
     *,
     delay_s: float = 0.0,
     ready: Callable[[int], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve the sandbox on host:port (0 picks a free port) until cancelled."""
+    """Serve the sandbox on host:port (0 picks a free port) until cancelled;
+    HTTPS with ``ssl_context`` (an upstream behind an internal CA, for tests)."""
     runner = web.AppRunner(build_app(keys, delay_s=delay_s), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         actual = int(runner.addresses[0][1])
         shown = f"[{host}]" if ":" in host else host
-        logs.emit("sandbox_ready", listen=f"{shown}:{actual}")
+        scheme = "https" if ssl_context is not None else "http"
+        logs.emit("sandbox_ready", listen=f"{shown}:{actual}", scheme=scheme)
         if ready is not None:
             ready(actual)
         await asyncio.Event().wait()

@@ -48,6 +48,7 @@ from .fake_upstream import (
     reset,
 )
 from .procs import (
+    TEST_SETTINGS,
     GatewayProc,
     Proc,
     SandboxProc,
@@ -79,6 +80,7 @@ __all__ = [
     "OK_BODY",
     "REPO",
     "ROLES",
+    "TEST_SETTINGS",
     "TRUSTED_PRINCIPAL",
     "TRUSTED_ROLE",
     "Behaviour",

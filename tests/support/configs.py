@@ -128,13 +128,15 @@ CASH_BALANCE_ROUTE = """\
 """
 
 
-def gateway_policy(creds: Creds) -> str:
-    """The test gateways' policy.yaml: ``creds``' tokens, trusted headers from 127.0.0.1,
-    the bulk-restore route and the pass-through ones."""
+def gateway_policy(creds: Creds, more_principals: str = "") -> str:
+    """The test gateways' policy.yaml: ``creds``' tokens (and ``more_principals``, YAML
+    entries of the list), trusted headers from 127.0.0.1, the bulk-restore route and
+    the pass-through ones."""
     return (
         ROLES_LINE
         + "principals:\n"
         + token_principals(creds.tokens)
+        + more_principals
         + TRUSTED_HEADERS
         + "routes:\n"
         + RESTORE_ROUTE
@@ -179,10 +181,12 @@ def write_gateway_config(
     timeout_s: float | None = None,
     connect_timeout_s: float | None = None,
     settings: Mapping[str, Any] | None = None,
+    upstream: Mapping[str, Any] | None = None,
 ) -> Path:
     """``gateway.yaml`` in ``folder`` and ``policy.yaml`` (holding ``policy``) beside it;
     returns the gateway.yaml path. ``settings`` are more top-level keys, each written as
-    JSON, which YAML reads as it is; an upstream timeout left None keeps its default."""
+    JSON, which YAML reads as it is, ``upstream`` more keys of ``upstream:``; an upstream
+    timeout left None keeps its default."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "policy.yaml").write_text(policy, encoding="utf-8")
     timeouts = {"connect_timeout_s": connect_timeout_s, "timeout_s": timeout_s}
@@ -192,6 +196,7 @@ def write_gateway_config(
         "upstream:",
         f"  url: {json.dumps(upstream_url)}",
         *(f"  {key}: {value}" for key, value in timeouts.items() if value is not None),
+        *(f"  {key}: {json.dumps(value)}" for key, value in (upstream or {}).items()),
         "credentials:",
         f"  api_key: {json.dumps(api_key)}",
         f"  api_secret_file: {json.dumps(str(secret_file))}",

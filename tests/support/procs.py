@@ -353,6 +353,7 @@ def launch_gateway(
     secret_file: Path | None = None,
     workers: int | None = None,
     env: Mapping[str, str] | None = None,
+    upstream: Mapping[str, Any] | None = None,
 ) -> GatewayProc:
     """``serve`` on a config of its own in ``workdir``: ``policy`` is policy.yaml's text
     (else ``gateway_policy(creds)``), ``settings`` top-level gateway.yaml keys (over
@@ -369,6 +370,7 @@ def launch_gateway(
         timeout_s=timeout_s,
         connect_timeout_s=connect_timeout_s,
         settings={**TEST_SETTINGS, **(settings or {})},
+        upstream=upstream,
     )
     args = [cli(), "serve", "--config", str(config)]
     if workers is not None:
