@@ -6,7 +6,9 @@ stays behind unless the operator names it in ``forward_headers``. The caller's
 ``Authorization`` never goes on: the gateway adds its own, signed afresh.
 
 Downstream, upstream's answer comes back whole except for hop-by-hop headers,
-which describe one connection and not the message.
+which describe one connection and not the message, and ``Set-Cookie``: a
+cookie upstream sets would be kept by the caller's client for the gateway's
+address and sent back to every route behind it (and never forwarded).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def downstream_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiD
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in named or lowered == "x-request-id":
+        if lowered in NEVER_RETURNED or lowered in named:
             continue
         out.add(name, value)
     out["X-Request-ID"] = request_id
