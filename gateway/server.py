@@ -246,7 +246,9 @@ class Gateway:
 
     def _finish(self, entry: Entry, seconds: float) -> None:
         entry.duration_ms = round(seconds * 1000, 3)
-        self.metrics.request(entry.route, entry.method, entry.status, seconds, entry.principal)
+        self.metrics.request(
+            entry.route, entry.method, entry.status, seconds, entry.principal, entry.via
+        )
         line = _present(entry)
         logs.emit("access", **line)
         if self.audit is not None and entry.record_ids is not None:
