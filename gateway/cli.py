@@ -191,6 +191,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if (args.principal is None) != (args.role is None):
         print("explain: --principal and --role go together", file=sys.stderr)
         return EXIT_CONFIG
+    version = _http_version(args.http_version)
+    if version is None:
+        print(f"--http-version: expected e.g. 1.1, got {args.http_version!r}", file=sys.stderr)
+        return EXIT_CONFIG
     headers: CIMultiDict[str] = CIMultiDict()
     for line in args.header:
         name, colon, value = line.partition(":")
@@ -241,9 +245,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
         verifier_for(policy),
         time.time(),
         settings.max_body_bytes,
+        version,
     )
     print(report.explanation(decision, settings, assumed))
     return 0 if decision.would_forward else 1
+
+
+def _http_version(text: str) -> tuple[int, int] | None:
+    """``1.1`` or ``HTTP/1.1`` → (1, 1), as a request line would say it."""
+    major, dot, minor = text.upper().removeprefix("HTTP/").partition(".")
+    if not dot or not major.isdigit() or not minor.isdigit():
+        return None
+    return int(major), int(minor)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -308,6 +321,12 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--peer",
         help="the caller's address (default: a trusted source with --principal, else 127.0.0.1)",
+    )
+    explain.add_argument(
+        "--http-version",
+        default="1.1",
+        metavar="VERSION",
+        help="the version the request line names, e.g. 1.0 (default %(default)s)",
     )
     explain.add_argument("method", metavar="METHOD", help="e.g. POST (case-sensitive, as sent)")
     explain.add_argument("target", metavar="PATH", help="the request target, query included")

@@ -6,8 +6,10 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
 
     GatewayError
     ├── BadRequest (400)
-    │   ├── InvalidRequest          not parseable as HTTP/1.1, or two Host headers
+    │   ├── InvalidRequest          not HTTP/1.0 or 1.1, not parseable, two Host headers,
+    │   │                           a framing the gateway would not trust
     │   ├── InvalidPath
+    │   ├── InvalidQuery            a query parameter the route's ``query:`` does not allow
     │   ├── InvalidJSON
     │   ├── InvalidBody
     │   ├── BatchEmpty
@@ -21,6 +23,7 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
     ├── RequestTimeout (408)        the body did not arrive within body_timeout_s
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
+    ├── ClientClosedRequest (499)   the caller hung up before its body arrived (logged only)
     ├── InternalError (500)         a fault in the gateway itself (logged with its traceback)
     ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
     ├── ShuttingDown (503)
@@ -72,6 +75,10 @@ class InvalidRequest(BadRequest):
 
 class InvalidPath(BadRequest):
     code = "InvalidPath"
+
+
+class InvalidQuery(BadRequest):
+    code = "InvalidQuery"
 
 
 class InvalidJSON(BadRequest):
@@ -141,6 +148,14 @@ class PayloadTooLarge(GatewayError):
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "UnsupportedMediaType"
+
+
+class ClientClosedRequest(GatewayError):
+    """Nobody reads this answer: it exists for the access log and the metrics
+    (nginx's 499), so a caller hanging up is neither a 5xx nor a fault."""
+
+    status = 499
+    code = "ClientClosedRequest"
 
 
 class InternalError(GatewayError):

@@ -41,6 +41,11 @@ SHA256_HEX_RULE: Final = "must be 64 hex digits (SHA-256)"
 # A caller's X-Request-ID, kept only when it matches.
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
+# A query parameter's name in a route's ``query:``. Matched against the raw query,
+# never decoded, so it holds nothing a reader might decode or split on (%, +, &, =, ;).
+QUERY_NAME: Final = re.compile(r"[A-Za-z0-9._~\[\]-]{1,64}")
+QUERY_NAME_RULE: Final = "a query parameter name is letters, digits and ._~-[] (up to 64)"
+
 # A ``{name}`` placeholder segment of a route path.
 PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -93,6 +93,10 @@ def route_line(r: Route) -> str:
         unique = ", unique" if r.batch.unique else ""
         extras.append(f"batch {r.batch.field}: 1..{r.batch.max_items}{unique}")
     extras += [f"{name} checked" for name in r.params]
+    if r.query is not None:
+        extras.append(f"query {', '.join(r.query)}" if r.query else "no query")
+    if r.fields is not None:
+        extras.append(f"fields {', '.join(r.fields)}")
     extras += [f"{rule.min_role}+ when {rule.when}" for rule in r.rules]
     if r.retry_on_throttle:
         extras.append("retries 429/503")
@@ -102,7 +106,8 @@ def route_line(r: Route) -> str:
 
 def explanation(decision: walk.Decision, settings: Settings, assumed: str = "") -> str:
     """``explain``'s answer: one line per step of the walk, then the verdict."""
-    lines = [f"{decision.method} {decision.target}  (nothing is sent)"]
+    asked = "" if decision.version == (1, 1) else " HTTP/{}.{}".format(*decision.version)
+    lines = [f"{decision.method} {decision.target}{asked}  (nothing is sent)"]
     reached = {step.name: step for step in decision.steps}
     for name in walk.STEPS:
         step = reached.get(name)

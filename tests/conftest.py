@@ -622,6 +622,7 @@ CASH_BALANCE_ROUTE = """\
     method: GET
     path: /cash/v1/balance
     min_role: VIEWER
+    query: {}
 """
 
 

@@ -741,7 +741,8 @@ POLICY_CASES: list[tuple[str, str, str, str, str]] = [
      "unknown key (allowed: principals, roles, routes, trusted_headers)"),
     ("unknown-route-key", "    min_role: MEMBER", f"    min_role: MEMBER\n    auth: none  {MARK}",
      "routes[0].auth",
-     "unknown key (allowed: batch, method, min_role, name, params, path, retry, rules)"),
+     "unknown key (allowed: batch, fields, method, min_role, name, params, path, query, retry,"
+     " rules)"),
     ("unknown-batch-key", "      unique: true", f"      unique: true\n      min_items: 1  {MARK}",
      "routes[0].batch.min_items",
      "unknown key (allowed: field, item_pattern, max_items, unique)"),
