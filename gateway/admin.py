@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.config import Address
 from gateway.metrics import CONTENT_TYPE, Metrics, render
@@ -59,8 +59,15 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def _no_server(request: web.Request, response: web.StreamResponse) -> None:
+    # As on the proxy port (gateway/protocol.py): no software name and version
+    # for a scanner to match against known flaws.
+    response.headers.popall(hdrs.SERVER, None)
+
+
 def app(view: View) -> web.Application:
     admin = web.Application()
+    admin.on_response_prepare.append(_no_server)
     admin[_VIEW] = view
     admin.router.add_get("/healthz", _healthz)
     admin.router.add_get("/readyz", _readyz)

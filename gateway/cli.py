@@ -228,6 +228,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if (args.principal is None) != (args.role is None):
         print("explain: --principal and --role go together", file=sys.stderr)
         return EXIT_CONFIG
+    version = _http_version(args.http_version)
+    if version is None:
+        print(f"--http-version: expected e.g. 1.1, got {args.http_version!r}", file=sys.stderr)
+        return EXIT_CONFIG
     headers: CIMultiDict[str] = CIMultiDict()
     for line in args.header:
         name, colon, value = line.partition(":")
@@ -289,6 +293,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         time.time(),
         settings.max_body_bytes,
         cert,
+        version,
     )
     print(report.explanation(decision, settings, assumed, handshake))
     return 0 if decision.would_forward else 1
@@ -316,6 +321,14 @@ def _client_certificate(path: str, settings: Settings) -> tuple[PeerCert, str] |
     except tls.TlsError as exc:
         return cert, f"REFUSED  {cert}: {exc}"
     return cert, f"ok       {cert} (verified against {client_ca})"
+
+
+def _http_version(text: str) -> tuple[int, int] | None:
+    """``1.1`` or ``HTTP/1.1`` → (1, 1), as a request line would say it."""
+    major, dot, minor = text.upper().removeprefix("HTTP/").partition(".")
+    if not dot or not major.isdigit() or not minor.isdigit():
+        return None
+    return int(major), int(minor)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -404,6 +417,12 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--peer",
         help="the caller's address (default: a trusted source with --principal, else 127.0.0.1)",
+    )
+    explain.add_argument(
+        "--http-version",
+        default="1.1",
+        metavar="VERSION",
+        help="the version the request line names, e.g. 1.0 (default %(default)s)",
     )
     explain.add_argument("method", metavar="METHOD", help="e.g. POST (case-sensitive, as sent)")
     explain.add_argument("target", metavar="PATH", help="the request target, query included")

@@ -49,7 +49,7 @@ from pydantic import (
 from yarl import URL
 
 from gateway import names, tls, yamlsource
-from gateway.headers import ALWAYS_FORWARDED, NEVER_FORWARDED
+from gateway.headers import ALWAYS_FORWARDED, CHANGES_THE_REQUEST, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
     MASKED,
@@ -299,7 +299,15 @@ def _policy_file(value: object, info: ValidationInfo) -> Policy:
 
 
 def _forwardable(name: str) -> str | None:
-    return f"{name} is never forwarded upstream" if name.lower() in NEVER_FORWARDED else None
+    lowered = name.lower()
+    if lowered in NEVER_FORWARDED:
+        return f"{name} is never forwarded upstream"
+    if lowered in CHANGES_THE_REQUEST:
+        return (
+            f"{name} changes how upstream frames or routes the request"
+            " (the gateway decides that): never forwarded upstream"
+        )
+    return None
 
 
 HeaderName = Annotated[

@@ -6,8 +6,10 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
 
     GatewayError
     ├── BadRequest (400)
-    │   ├── InvalidRequest          not parseable as HTTP/1.1, or two Host headers
+    │   ├── InvalidRequest          not HTTP/1.0 or 1.1, not parseable, two Host headers,
+    │   │                           a framing the gateway would not trust
     │   ├── InvalidPath
+    │   ├── InvalidQuery            a query parameter the route's ``query:`` does not allow
     │   ├── InvalidJSON
     │   ├── InvalidBody
     │   ├── BatchEmpty
@@ -22,6 +24,7 @@ Every rejection is one ``GatewayError`` subclass; the server turns it into
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
     ├── RateLimited (429)           Retry-After, RateLimit-Policy, RateLimit (gateway/limits.py)
+    ├── ClientClosedRequest (499)   the caller hung up before its body arrived (logged only)
     ├── InternalError (500)         a fault in the gateway itself (logged with its traceback)
     ├── UpstreamUnavailable (502)   kind: connect | reset | protocol
     ├── ShuttingDown (503)
@@ -74,6 +77,10 @@ class InvalidRequest(BadRequest):
 
 class InvalidPath(BadRequest):
     code = "InvalidPath"
+
+
+class InvalidQuery(BadRequest):
+    code = "InvalidQuery"
 
 
 class InvalidJSON(BadRequest):
@@ -152,6 +159,14 @@ class RateLimited(GatewayError):
     def __init__(self, message: str, *, limit: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.limit = limit  # the refusing limit's name, for gateway_rate_limited_total
+
+
+class ClientClosedRequest(GatewayError):
+    """Nobody reads this answer: it exists for the access log and the metrics
+    (nginx's 499), so a caller hanging up is neither a 5xx nor a fault."""
+
+    status = 499
+    code = "ClientClosedRequest"
 
 
 class InternalError(GatewayError):

@@ -6,7 +6,9 @@ stays behind unless the operator names it in ``forward_headers``. The caller's
 ``Authorization`` never goes on: the gateway adds its own, signed afresh.
 
 Downstream, upstream's answer comes back whole except for hop-by-hop headers,
-which describe one connection and not the message.
+which describe one connection and not the message, and ``Set-Cookie``: a
+cookie upstream sets would be kept by the caller's client for the gateway's
+address and sent back to every route behind it (and never forwarded).
 
 Trace context (W3C ``traceparent`` and ``tracestate``) is the one exception to
 the allow-list, and only when well-formed: ``incoming_trace`` picks it out, and
@@ -33,6 +35,26 @@ HOP_BY_HOP: Final = frozenset(
 # Never forwarded upstream, whatever ``forward_headers`` lists: the gateway sets
 # its own Authorization, Host and Content-Length, and cookies stay behind.
 NEVER_FORWARDED: Final = HOP_BY_HOP | {"authorization", "cookie", "host", "content-length"}
+# Headers that change how upstream frames the body, which method or target it acts
+# on, or whether it waits: the gateway decides those, so ``forward_headers`` may not
+# list them (a config error). Content-Encoding would make upstream decode a body the
+# gateway checked as plain bytes; the method overrides would turn a route's POST into
+# a DELETE behind its back; X-Original-URL and X-Rewrite-URL a path into another.
+CHANGES_THE_REQUEST: Final = frozenset(
+    {
+        "content-encoding", "content-length", "transfer-encoding", "te", "trailer",
+        "expect", "upgrade", "x-http-method-override", "x-http-method",
+        "x-method-override", "x-original-method", "x-original-url", "x-rewrite-url",
+    }
+)  # fmt: skip
+# Never passed back to the caller.
+NEVER_RETURNED: Final = HOP_BY_HOP | {"set-cookie", "set-cookie2", "x-request-id"}
+# Headers a request may carry once at most (RFC 9110's singletons, as aiohttp's
+# parser refuses a second one): two of them leave each reader to pick its own.
+ONCE_ONLY: Final = (
+    "Host", "Content-Length", "Content-Type", "Transfer-Encoding", "User-Agent",
+    "Max-Forwards", "Content-Location", "Content-Range", "ETag", "Server",
+)  # fmt: skip
 # Always forwarded upstream when the caller sends them (with X-Request-ID).
 ALWAYS_FORWARDED: Final = (
     "Content-Type", "Accept", "Accept-Encoding", "Accept-Language", "User-Agent",
@@ -100,7 +122,7 @@ def downstream_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiD
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in named or lowered == "x-request-id":
+        if lowered in NEVER_RETURNED or lowered in named:
             continue
         out.add(name, value)
     out["X-Request-ID"] = request_id

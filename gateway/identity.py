@@ -162,9 +162,11 @@ def _from_certificate(cert: PeerCert, policy: Policy) -> Caller | None:
 
 
 def _hmac_reason(exc: Rejected, header: str) -> str:
+    """The log's reason: never a part of the header the policy does not hold itself
+    (a caller may send anything there, a token included)."""
     what = _HMAC_REFUSALS.get(exc.code, exc.code)
     reason = f"hmac {what} ({exc.code}): {exc.reason}"
-    if exc.code != MALFORMED:  # it parsed, so the key is a plain name: say which
+    if exc.code not in (MALFORMED, "InvalidAPIKey"):  # one of the policy's keys: say which
         reason += f", apiKey {parse(header).api_key}"
     return reason
 

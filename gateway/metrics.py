@@ -6,10 +6,12 @@ Labels stay bounded: ``route`` is a route name from the policy or
 a request is used as a label verbatim.
 
 Beyond the contract's metrics, ``gateway_principal_requests_total`` counts
-requests by caller: ``principal`` is a name from the policy's ``principals``,
-or ``other`` (e.g. a name vouched for by trusted headers), so its label set is
-bounded by the policy too. Requests refused before a caller was identified
-are not in it (they have no principal).
+requests by caller: ``principal`` is a name from the policy's ``principals``
+for a caller that proved it with that principal's own credential, else
+``other``: a name vouched for by trusted headers is ``other`` even when it
+spells a policy principal's name, so its label set is bounded by the policy
+too and a peer cannot book its requests to another principal. Requests
+refused before a caller was identified are not in it (they have no principal).
 
 With several worker processes each one writes its values to files in one
 folder, and a scrape sums them (prometheus-client's multiprocess mode). Who
@@ -46,6 +48,7 @@ LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000)
 OTHER_PRINCIPAL: Final = "other"
+VOUCHED: Final = "trusted-headers"  # a Caller's ``via`` when a peer only said the name
 _METHODS: Final = frozenset(METHODS)
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -202,14 +205,21 @@ class Metrics:
         return child
 
     def request(
-        self, route: str, method: str, status: int, seconds: float, principal: str | None = None
+        self,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float,
+        principal: str | None = None,
+        via: str | None = None,
     ) -> None:
         label = method if method in _METHODS else "OTHER"
         code = str(status)
         self._child(self.requests, route, label, code).inc()
         self._child(self.duration, route).observe(seconds)
         if principal is not None:
-            who = principal if principal in self.principals else OTHER_PRINCIPAL
+            named = principal in self.principals and via != VOUCHED
+            who = principal if named else OTHER_PRINCIPAL
             self._child(self.principal_requests, who, route, code).inc()
 
     def rejected(self, route: str, code: str) -> None:

@@ -54,6 +54,11 @@ TRACEPARENT: Final = re.compile(
 # A W3C ``tracestate``, passed on only with a valid traceparent and only this long.
 TRACESTATE_MAX: Final = 512
 
+# A query parameter's name in a route's ``query:``. Matched against the raw query,
+# never decoded, so it holds nothing a reader might decode or split on (%, +, &, =, ;).
+QUERY_NAME: Final = re.compile(r"[A-Za-z0-9._~\[\]-]{1,64}")
+QUERY_NAME_RULE: Final = "a query parameter name is letters, digits and ._~-[] (up to 64)"
+
 # A ``{name}`` placeholder segment of a route path.
 PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

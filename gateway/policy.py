@@ -9,6 +9,8 @@ Besides its ``min_role``, a route may say more about who may do what:
 
     params:   {recordId: "^CRMRC...$"}      a {name} segment must fully match
               → 400 InvalidItem (checked after the role, so a VIEWER still gets 403)
+    query:    {limit: "^[0-9]{1,4}$"}       the only query parameters it takes
+              → 400 InvalidQuery (after the path parameters)
     rules:    - when: {field: permanent, not_equals: false}
                 min_role: OWNER            a body condition raises the role needed
               → 403 Forbidden (checked after the body is validated)
@@ -34,7 +36,13 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, PrivateAttr, ValidationInfo, model_validator
 
 from gateway import yamlsource
-from gateway.errors import Forbidden, InvalidItem, MethodNotAllowed, RouteNotFound
+from gateway.errors import (
+    Forbidden,
+    InvalidItem,
+    InvalidQuery,
+    MethodNotAllowed,
+    RouteNotFound,
+)
 from gateway.limits import Limit
 from gateway.principals import Principal, Roles, TrustedHeaders
 from gateway.routes import UNMATCHED, BodyRule, Route
@@ -178,6 +186,42 @@ class Policy(Model):
                     f"The path parameter {param.name!r} is not valid.",
                     details={"param": param.name},
                 )
+
+    def check_query(self, route: Route, query: str) -> list[str]:
+        """With ``query:`` on the route, each parameter must be listed, given once, as
+        ``name=value``, its raw value fully matching its pattern; else 400 InvalidQuery.
+        Returns the names given.
+
+        Nothing is decoded: ``perm%61nent`` is not ``permanent`` here, so it is simply
+        not a listed name. Upstream may decode, split on ``;`` or read ``+`` as a space,
+        but a listed name holds none of those, and the operator's pattern decides
+        what a value may hold. A parameter a caller's name does not say is never
+        echoed back: it may carry anything, a token included.
+        """
+        allowed = route.query
+        if allowed is None or not query:
+            return []
+        given: list[str] = []
+        for part in query.split("&"):
+            name, eq, value = part.partition("=")
+            pattern = allowed.get(name)
+            if pattern is None:
+                takes = ", ".join(sorted(allowed)) or "none"
+                raise InvalidQuery(
+                    f"The query holds a parameter this route does not take (it takes: {takes}).",
+                    details={"allowed": sorted(allowed)},
+                )
+            if name in given:
+                raise InvalidQuery(
+                    f"The query parameter {name!r} is given more than once.",
+                    details={"param": name},
+                )
+            if not eq or not pattern.fullmatch(value):
+                raise InvalidQuery(
+                    f"The query parameter {name!r} is not valid.", details={"param": name}
+                )
+            given.append(name)
+        return given
 
     def authorize_body(
         self, route: Route, role: str, document: Mapping[str, Any] | None

@@ -1,4 +1,4 @@
-"""HTTP-level refusals, answered the gateway's way.
+"""HTTP/1 on the proxy port, answered the gateway's way, below the handler.
 
 aiohttp refuses a request it cannot parse (a header with CR/LF or NUL, an
 over-long request line or header, ``Transfer-Encoding`` with
@@ -8,22 +8,80 @@ refusal gets: a JSON body with errorCode ``InvalidRequest``, ``X-Gateway-Error``
 ``X-Request-ID``, an access-log line and a metric, and the connection is closed.
 The offending bytes are never echoed or logged: they may hold a token.
 
-Two framings the parser lets through are refused the same way (RFC 9112 §6.1),
-because a server in front of the gateway could read them differently: a
-``Transfer-Encoding`` on an HTTP/1.0 request, and a transfer coding other than
-``chunked`` (``gzip, chunked``…), which the gateway would not decode.
+What the parser lets through (an HTTP/2.0 request line, a ``gzip`` transfer
+coding) is judged by the walk's target step (gateway/walk.py), so ``explain``
+says the same. Three things remain that only the connection can do:
+
+- A parse error in a body the handler is reading (a bad chunk size) reaches
+  that body's reader at once, instead of waiting behind it until the body
+  times out (``_RequestHandler.data_received``).
+- ``Expect: 100-continue`` gets its ``100 Continue`` when the handler is about to
+  read the body (``send_continue``); a request refused before never had its
+  body asked for.
+- Answers carry no ``Server`` header of the gateway's own, and an answer to a
+  request line naming HTTP/2.0 or 0.9 (refused) is an HTTP/1.1 answer, not one
+  in the version it named (``GatewayRequest``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-from aiohttp import hdrs, web, web_protocol
-from aiohttp.http_exceptions import TransferEncodingError
+from aiohttp import HttpVersion11, hdrs, web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, RawRequestMessage
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+
+from gateway.walk import SERVED_VERSIONS
 
 # (request, status aiohttp chose, its exception) → the answer to send
 OnBadRequest = Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse]
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class BodyUnreadable(Exception):
+    """The request's body cannot be read to its end: the HTTP parser refused what
+    followed (the parser's exception class is named in ``kind``, never its text)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class GatewayRequest(web.BaseRequest):
+    """A request whose answer never names the server, and speaks HTTP/1.0 or 1.1.
+
+    ``asked_version`` is the version its request line named. Anything but 1.0
+    and 1.1 is refused (``walk.framing_problem``), and answered as the HTTP/1.1
+    server this is: ``version`` says 1.1 for such a request, so aiohttp writes
+    that status line (not ``HTTP/2.0 400``) and frames the answer for it.
+    """
+
+    ATTRS = web.BaseRequest.ATTRS | frozenset({"asked_version"})
+
+    def __init__(self, message: RawRequestMessage, *args: Any, **kwargs: Any) -> None:
+        self.asked_version: tuple[int, int] = tuple(message.version)  # type: ignore[assignment]
+        if self.asked_version not in SERVED_VERSIONS:
+            message = message._replace(version=HttpVersion11)
+        super().__init__(message, *args, **kwargs)
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # Runs after aiohttp set its headers and before the status line is written.
+        # ``setdefault`` put aiohttp's own SERVER_SOFTWARE object there: a Server
+        # relayed from upstream is another string object, and stays.
+        if response.headers.get(hdrs.SERVER) is SERVER_SOFTWARE:
+            del response.headers[hdrs.SERVER]
+
+
+def asked_version(request: web.BaseRequest) -> tuple[int, int]:
+    """The HTTP version the request line named (``request.version`` may say 1.1)."""
+    if isinstance(request, GatewayRequest):
+        return request.asked_version
+    return (request.version.major, request.version.minor)
 
 
 class _RequestHandler(web_protocol.RequestHandler):
@@ -44,34 +102,53 @@ class _RequestHandler(web_protocol.RequestHandler):
         response.force_close()
         return response
 
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        # A parse error in a body being read is queued as the next message, behind
+        # the request it belongs to, and that request's body never ends: its reader
+        # would wait for body_timeout_s. Hand the error to the reader instead.
+        request = self._current_request
+        if request is None or len(self._messages) <= queued:
+            return
+        message = self._messages[-1][0]
+        failed = getattr(message, "exc", None)
+        if isinstance(failed, HttpProcessingError) and not request.content.is_eof():
+            request.content.set_exception(BodyUnreadable(type(failed).__name__))
 
-def framing_problem(request: web.BaseRequest) -> TransferEncodingError | None:
-    """Why the request's Transfer-Encoding cannot be trusted, or None."""
-    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
-    if not codings:
-        return None
-    if request.version < (1, 1):
-        return TransferEncodingError("Transfer-Encoding on an HTTP/1.0 request")
-    if len(codings) != 1 or codings[0].strip().lower() != "chunked":
-        return TransferEncodingError("a transfer coding other than chunked")
-    return None
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """The caller holds its body back until told ``100 Continue`` (RFC 9110 §10.1.1)."""
+    if asked_version(request) != (1, 1) or request.content.is_eof():
+        return False
+    return any(v.strip().lower() == "100-continue" for v in request.headers.getall(hdrs.EXPECT, ()))
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Ask for the body, if the caller waits to be asked."""
+    if expects_continue(request):
+        await request.writer.write(_CONTINUE)
+        # Not the answer: the answer has not begun (see handle_error above).
+        request.writer.output_size = 0
 
 
 class GatewayServer(web.Server):
-    """``web.Server`` whose connections answer parse errors, and the framings
-    ``framing_problem`` names, through ``on_bad_request``."""
+    """``web.Server`` whose connections answer parse errors through ``on_bad_request``
+    and whose requests are ``GatewayRequest``s."""
 
     def __init__(self, handler: Any, on_bad_request: OnBadRequest, **kwargs: Any) -> None:
-        async def screened(request: web.BaseRequest) -> web.StreamResponse:
-            if hdrs.TRANSFER_ENCODING in request.headers:
-                problem = framing_problem(request)
-                if problem is not None:
-                    return on_bad_request(request, 400, problem)
-            response: web.StreamResponse = await handler(request)
-            return response
-
-        super().__init__(screened, **kwargs)
+        super().__init__(handler, **kwargs)
         self._on_bad_request = on_bad_request
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web_protocol.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return GatewayRequest(message, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> web_protocol.RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self._kwargs)

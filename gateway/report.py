@@ -105,6 +105,10 @@ def route_line(r: Route) -> str:
         unique = ", unique" if r.batch.unique else ""
         extras.append(f"batch {r.batch.field}: 1..{r.batch.max_items}{unique}")
     extras += [f"{name} checked" for name in r.params]
+    if r.query is not None:
+        extras.append(f"query {', '.join(r.query)}" if r.query else "no query")
+    if r.fields is not None:
+        extras.append(f"fields {', '.join(r.fields)}")
     extras += [f"{rule.min_role}+ when {rule.when}" for rule in r.rules]
     if r.retry_on_throttle:
         extras.append("retries 429/503")
@@ -117,7 +121,8 @@ def explanation(
 ) -> str:
     """``explain``'s answer: one line per step of the walk, then the verdict.
     ``handshake``: what the TLS handshake made of a client certificate (``--cert``)."""
-    lines = [f"{decision.method} {decision.target}  (nothing is sent)"]
+    asked = "" if decision.version == (1, 1) else " HTTP/{}.{}".format(*decision.version)
+    lines = [f"{decision.method} {decision.target}{asked}  (nothing is sent)"]
     if handshake is not None:
         lines.append(f"  {'tls':<9} {handshake}")
     reached = {step.name: step for step in decision.steps}

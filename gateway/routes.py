@@ -5,7 +5,9 @@
       path: /crm-core/v1/records/{id}    {name} = one whole, non-empty segment
       min_role: MEMBER
       params:  {id: "^CRMRC...$"}        a {name} segment must fully match
+      query:   {limit: "^[0-9]{1,4}$"}   the query parameters it takes ({} = none)
       batch:   {field, max_items, item_pattern, unique}    (gateway/batch.py)
+      fields:  [recordIds, permanent]    the top-level members a batch body may hold
       rules:   - when: {field: permanent, not_equals: false}
                  min_role: OWNER         a body condition raises the role needed
       retry:   {on_throttle: true}       repeat a 429/503 whose Retry-After fits
@@ -164,12 +166,21 @@ class Route(Model):
     params: dict[str, Regex] = Field(
         default_factory=dict, description="{name} segment → the pattern it must fully match"
     )
+    query: dict[str, Regex] | None = Field(
+        None,
+        description="query parameter → the pattern its raw value must fully match;"
+        " any other parameter, or one sent twice, is refused ({} = none)",
+    )
+    fields: tuple[NonEmpty, ...] | None = Field(
+        None, description="with batch: the top-level members the body may hold, exactly"
+    )
     rules: tuple[BodyRule, ...] = Field((), description="body conditions that need a higher role")
     retry: Retry | None = Field(None, description="the upstream retries this route opts into")
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Route:
         problems = self._param_problems() + self._rule_problems(context(info).get("roles"))
+        problems += self._query_problems() + self._field_problems()
         key = f"{self.method} {'/'.join(s or '{}' for s in self.segments)}"
         served = seen(info, "method+path")
         if key in served:
@@ -197,6 +208,36 @@ class Route(Model):
             if name not in known
         ]
 
+    def _query_problems(self) -> list[Invalid]:
+        return [
+            Invalid(names.QUERY_NAME_RULE, at=("query", name), key_line=True)
+            for name in self.query or {}
+            if not names.QUERY_NAME.fullmatch(name)
+        ]
+
+    def _field_problems(self) -> list[Invalid]:
+        """``fields`` needs a batch, and must hold what the batch and the rules read."""
+        if self.fields is None:
+            return []
+        if self.batch is None:
+            return [Invalid("only a route with batch: reads a JSON body to check", at=("fields",))]
+        problems = [
+            Invalid(f"{name} is listed twice", at=("fields", i))
+            for i, name in enumerate(self.fields)
+            if name in self.fields[:i]
+        ]
+        if self.batch.field not in self.fields:
+            problems.append(
+                Invalid(f"must list the batch field {self.batch.field}", at=("fields",))
+            )
+        problems += [
+            Invalid(f"{rule.when.field} is not in the route's fields, so this never holds",
+                    at=("rules", i, "when", "field"))
+            for i, rule in enumerate(self.rules)
+            if rule.when.field not in self.fields
+        ]  # fmt: skip
+        return problems
+
     def _rule_problems(self, roles: tuple[str, ...] | None) -> list[Invalid]:
         if roles is None:
             return []
@@ -222,6 +263,10 @@ class Route(Model):
             ParamRule(name, segments.index("{" + name + "}"), pattern)
             for name, pattern in self.params.items()
         )
+
+    @cached_property
+    def allowed_fields(self) -> frozenset[str] | None:
+        return frozenset(self.fields) if self.fields is not None else None
 
     @property
     def retry_on_throttle(self) -> bool:

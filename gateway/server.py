@@ -24,9 +24,10 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
 
-from gateway import logs, tracing, walk
+from gateway import logs, protocol, tracing, walk
 from gateway.config import Settings
 from gateway.errors import (
+    ClientClosedRequest,
     GatewayError,
     InternalError,
     InvalidPath,
@@ -131,6 +132,10 @@ class Gateway:
             response = await self._walk(request, loaded, entry)
         except GatewayError as exc:
             response = self._refuse(exc, entry)
+            if protocol.expects_continue(request):
+                # Refused before the body was asked for: the caller holds it back,
+                # so answer and close rather than wait for (or read) a body.
+                response.force_close()
         except Exception:
             # A fault of the gateway's own, not a refusal: logged with its traceback,
             # answered like every other error (or, once an answer has begun, cut).
@@ -168,7 +173,7 @@ class Gateway:
     ) -> web.StreamResponse:
         settings = loaded.settings
         policy, limit = settings.policy, settings.max_body_bytes
-        decision = walk.Decision(request.method, request.raw_path)
+        decision = walk.Decision(request.method, request.raw_path, protocol.asked_version(request))
         now = time.time()
         try:
             walk.locate(decision, request.headers, policy)
@@ -277,14 +282,17 @@ class Gateway:
     def _refuse(self, exc: GatewayError, entry: Entry) -> web.Response:
         entry.errorCode = exc.code
         entry.reason = exc.reason
-        self.metrics.rejected(entry.route, exc.code)
+        if not isinstance(exc, ClientClosedRequest):  # nobody is there to answer
+            self.metrics.rejected(entry.route, exc.code)
         if isinstance(exc, RateLimited):
             self.metrics.rate_limited(exc.limit, entry.route)
         return error_response(exc, entry.request_id, close=self.draining)
 
     def _finish(self, entry: Entry, seconds: float) -> None:
         entry.duration_ms = round(seconds * 1000, 3)
-        self.metrics.request(entry.route, entry.method, entry.status, seconds, entry.principal)
+        self.metrics.request(
+            entry.route, entry.method, entry.status, seconds, entry.principal, entry.via
+        )
         line = _present(entry)
         logs.emit("access", **line)
         entry.trace.finish(entry)
@@ -311,15 +319,18 @@ def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.R
 
 
 async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> bytes:
-    """The whole body: PayloadTooLarge as soon as it passes ``limit`` bytes,
-    RequestTimeout if it has not all arrived within ``timeout_s`` (a trickling
-    caller may hold a connection, but not for ever)."""
+    """The whole body: PayloadTooLarge as soon as it passes ``limit`` bytes (before
+    asking for it, when its Content-Length says so), RequestTimeout if it has not
+    all arrived within ``timeout_s`` (a trickling caller may hold a connection, but
+    not for ever), InvalidRequest if its framing breaks off, ClientClosedRequest if
+    the caller hangs up first."""
     if request.content_length is not None and request.content_length > limit:
         raise walk.too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
+            await protocol.send_continue(request)
             while True:
                 chunk = await request.content.readany()
                 if not chunk:
@@ -330,4 +341,14 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"The body did not arrive within {timeout_s:g} s.") from None
+    except protocol.BodyUnreadable as exc:
+        raise InvalidRequest(
+            "The request body is not well-formed HTTP/1.1.",
+            reason=f"the body's framing broke off ({exc.kind})",
+        ) from None
+    except OSError:  # aiohttp hands the reader a ConnectionResetError once the caller is gone
+        raise ClientClosedRequest(
+            "The caller closed the connection before its body arrived.",
+            reason=f"caller went away after {size} body bytes",
+        ) from None
     return b"".join(chunks)

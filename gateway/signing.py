@@ -144,14 +144,20 @@ def parse(header: str) -> HmacCredentials:
     scheme, _, rest = header.strip().partition(" ")
     if scheme.upper() != SCHEME:
         raise Rejected(MALFORMED, "not an HMAC-SHA256 header")
+    # A reason never quotes the header: a caller may have put a token in it (say,
+    # ``HMAC-SHA256 <bearer token>``), and reasons go to the access log.
     found: dict[str, str] = {}
-    for part in rest.split(","):
+    parts = rest.split(",")
+    for number, part in enumerate(parts, 1):
         name, eq, value = part.strip().partition("=")
         field = _PARTS.get(name.lower())
         if not eq or field is None:
-            raise Rejected(MALFORMED, f"unexpected part {name[:20]!r}")
+            raise Rejected(
+                MALFORMED,
+                f"part {number} of {len(parts)} is not apiKey=, date=, salt= or signature=",
+            )
         if field in found:
-            raise Rejected(MALFORMED, f"repeated part {name!r}")
+            raise Rejected(MALFORMED, f"repeated part {name.lower()}")
         found[field] = value.strip()
     missing = [name for name in _PARTS.values() if name not in found]
     if missing:

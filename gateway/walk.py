@@ -1,10 +1,11 @@
 """The deciding half of a request's walk: every check, and no I/O.
 
-    target → identity → route → role → params → body → rules → limits  → "would forward"
+    target → identity → route → role → params → query → body → rules → limits  → "would forward"
 
-    locate       the target (one Host, canonical syntax), and the route lookup
-                 (its verdict waits)
-    admit        identity, then ``authorize``: the route's verdict, role, path parameters
+    locate       the target (HTTP/1.0 or 1.1, one Host, a framing the gateway
+                 trusts, canonical syntax), and the route lookup (its verdict waits)
+    admit        identity, then ``authorize``: the route's verdict, role, path and
+                 query parameters
     check_body   the body, the route's body rules, and which rate limits apply
     decide       all three in a row, for a body already in hand
 
@@ -25,12 +26,15 @@ they cannot disagree about a request.
 Every refusal that depends only on the request is made here. The others are
 not the request's doing, and ``explain`` cannot foresee them: the gateway
 draining (503 ``ShuttingDown``, after ``locate``), a body that does not arrive
-in time (408), no upstream slot free (503 ``Overloaded``), upstream failing
-(502/504). Before any of this, and before a handler exists, gateway/protocol.py
-refuses what the HTTP parser sees: a request that is not well-formed HTTP/1.x
-(a missing Host included) and a ``Transfer-Encoding`` the gateway would not
-trust. ``explain`` takes a request that was already parsed and framed: its
-body is a file, and it assumes the one Host every HTTP/1.1 client sends.
+in time (408) or is cut off (499), no upstream slot free (503 ``Overloaded``),
+upstream failing (502/504). Before any of this, and before a handler exists,
+gateway/protocol.py answers what the HTTP parser itself refuses: a request that
+is not well-formed HTTP/1.x (a missing Host included). What the parser lets
+through is judged here, from the request line and headers alone: the HTTP
+version and how the body is framed (``Transfer-Encoding``) are part of the
+request's target step. ``explain`` takes a request that was already parsed: its
+body is a file, its version HTTP/1.1 unless told otherwise, and it assumes the
+one Host every HTTP/1.1 client sends.
 
 Each step is recorded in the ``Decision`` as it passes or refuses: the first
 step that says no raises its ``GatewayError`` (and stores it), and no later
@@ -53,8 +57,8 @@ from gateway.errors import (
     InvalidBody,
     InvalidRequest,
     PayloadTooLarge,
-    UnsupportedMediaType,
 )
+from gateway.headers import ONCE_ONLY
 from gateway.identity import Caller, PeerCert
 from gateway.identity import identify as identify_caller
 from gateway.limits import Charge
@@ -63,7 +67,10 @@ from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.target import split_target
 
-STEPS: Final = ("target", "identity", "route", "role", "params", "body", "rules", "limits")
+STEPS: Final = (
+    "target", "identity", "route", "role", "params", "query", "body", "rules", "limits",
+)  # fmt: skip
+SERVED_VERSIONS: Final = ((1, 0), (1, 1))  # the HTTP versions a request line may name
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,9 @@ class Decision:
 
     method: str
     target: str  # the request target as received: path and query
+    version: tuple[int, int] = (1, 1)  # as the request line said
     path: str | None = None  # once the target is known to be canonical
+    query: str = ""  # the raw query string, once the target is known to be canonical
     route: Route | None = None
     caller: Caller | None = None
     items: list[str] | None = None  # the batch's items, once they passed validation
@@ -134,19 +143,41 @@ def too_large(limit: int) -> PayloadTooLarge:
 def locate(d: Decision, headers: MultiMapping[str], policy: Policy) -> None:
     """Step 1, the target; then the route lookup, whose 404/405 waits for its step.
 
-    The target is the request target with the Host it names (RFC 9110 §7.1), so
-    a second Host is refused here, first of all."""
+    The target is the request target with the version it was asked in, the Host
+    it names (RFC 9110 §7.1) and how its body is framed: each of these is refused
+    here, first of all."""
     with d.step("target") as note:
-        if len(headers.getall("Host", ())) > 1:
-            # RFC 9112 §3.2: which of two hosts was meant is anyone's guess.
-            raise InvalidRequest("The request carries more than one Host header.")
-        path, _ = split_target(d.target)
-        d.path = path
+        problem = framing_problem(d.version, headers)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        path, query = split_target(d.target)
+        d.path, d.query = path, query
         note(path)
     try:
         d.route = policy.match(d.method, path)
     except GatewayError as exc:
         d.unrouted = exc
+
+
+def framing_problem(version: tuple[int, int], headers: MultiMapping[str]) -> str | None:
+    """Why the request line or the headers that frame the request cannot be trusted."""
+    if version not in SERVED_VERSIONS:
+        # HTTP/2.0 or 0.9 in an HTTP/1 request line is nobody's real request:
+        # what a server behind would make of it is anyone's guess.
+        return "The gateway serves HTTP/1.0 and HTTP/1.1 requests only."
+    for name in ONCE_ONLY:
+        if len(headers.getall(name, ())) > 1:
+            # RFC 9112 §3.2: which of two hosts (or lengths, or types) was meant is
+            # anyone's guess. The live parser refuses these itself: here for explain.
+            return f"The request carries more than one {name} header."
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings:
+        # RFC 9112 §6.1: a server in front of the gateway could frame these otherwise.
+        if version < (1, 1):
+            return "Transfer-Encoding is not allowed on an HTTP/1.0 request."
+        if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+            return "The only transfer coding accepted is chunked."
+    return None
 
 
 def admit(
@@ -208,6 +239,12 @@ def authorize(d: Decision, policy: Policy) -> None:
     with d.step("params") as note:
         policy.check_params(route, path)
         note(", ".join(f"{name} matches" for name in route.params) or "none to check")
+    with d.step("query") as note:
+        given = policy.check_query(route, d.query)
+        if route.query is None:
+            note("not checked (no query rule)")
+        else:
+            note(", ".join(f"{name} matches" for name in given) or "none given")
 
 
 def check_body(
@@ -226,28 +263,25 @@ def check_body(
     """
     route, caller = d.route, d.caller
     assert route is not None and caller is not None, "check_body before admit"
-    content_type = headers.get("Content-Type")
-    content_encoding = headers.get("Content-Encoding")
+    content_types = headers.getall("Content-Type", ())
+    content_encodings = headers.getall("Content-Encoding", ())
     document: Any = None
     with d.step("body") as note:
         if len(body) > max_body_bytes:
             raise too_large(max_body_bytes)
         if route.batch is not None:
-            batch.check_media(content_type, content_encoding)
-            document = batch.parse_json(body)
-            d.items = batch.check_document(document, route.batch)
+            batch.check_media(content_types, content_encodings)
+            document = batch.parse_json(body, route.batch.structure_limit)
+            d.items = batch.check_document(document, route.batch, route.allowed_fields)
             note(f"{route.batch.field}: {len(d.items)} valid item(s), {len(body)} bytes")
         elif route.rules and body:
-            batch.check_media(content_type, content_encoding)
+            batch.check_media(content_types, content_encodings)
             document = batch.parse_json(body)
             if not isinstance(document, dict):
                 raise InvalidBody("The body must be a JSON object.")
             note(f"a JSON object, {len(body)} bytes")
         else:
-            if (content_encoding or "identity").strip().lower() != "identity":
-                raise UnsupportedMediaType(
-                    "Request bodies must not be compressed (Content-Encoding)."
-                )
+            batch.check_encoding(content_encodings)
             note(f"{len(body)} bytes, not checked (no batch rule)")
     with d.step("rules") as note:
         applied = policy.authorize_body(route, caller.role, document)
@@ -281,9 +315,10 @@ def decide(
     now: float,
     max_body_bytes: int,
     cert: PeerCert | None = None,
+    version: tuple[int, int] = (1, 1),
 ) -> Decision:
     """The whole walk for a body already in hand; a refusal is in ``Decision.error``."""
-    d = Decision(method, target)
+    d = Decision(method, target, version)
     try:
         locate(d, headers, policy)
         admit(d, headers, peer, policy, verifier, now, cert)

@@ -5,6 +5,10 @@
 - The request's walk reads no environment variable and opens no file: the
   process's start-up code decides such things and hands them down.
 - The sandbox, a test double, is imported only by the commands that run it.
+- Nothing blocks the event loop: no ``time.sleep`` anywhere in gateway/ (every
+  module of it runs on a loop, or may be called from one) but in an explicit
+  allow-list, and no blocking client, subprocess or socket call in the modules
+  a request passes through.
 """
 
 from __future__ import annotations
@@ -129,6 +133,83 @@ def test_the_walk_reads_no_environment_and_opens_no_file(name: str) -> None:
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = {a.name for a in node.names} | {getattr(node, "module", None) or ""}
             assert not names & {"sqlite3", "tempfile", "gateway.replay"}, f"{name}: {names}"
+
+
+# --- nothing blocks the event loop -----------------------------------------------------------
+
+# ``time.sleep`` stalls every request of the process. Each place allowed to call it
+# anyway, as "module.function", with why; an entry whose call is gone fails too.
+SLEEP_ALLOWED: dict[str, str] = {}  # a function allowed to sleep → why (none is)
+# The modules a request passes through, and what none of them may call: each
+# waits on the network, a child process or a terminal with the loop held.
+REQUEST_PATH = (*WALK, "gateway.transport", "gateway.retry", "gateway.upstream", "gateway.admin")
+BLOCKING_MODULES = frozenset({"subprocess", "requests", "urllib.request", "http.client", "socket"})
+BLOCKING_CALLS = frozenset({"os.system", "os.popen", "os.wait", "os.waitpid", "input"})
+
+
+def sleeps(name: str, tree: ast.Module) -> Iterator[str]:
+    """``module.function`` (or ``module`` at top level) for each ``time.sleep`` call or
+    import, however the module or the function was named on import."""
+    modules = {"time"} | {
+        a.asname for n in ast.walk(tree) if isinstance(n, ast.Import)
+        for a in n.names if a.name == "time" and a.asname
+    }  # fmt: skip
+
+    def visit(node: ast.AST, where: str) -> Iterator[str]:
+        for child in ast.iter_child_nodes(node):
+            inner = where
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = f"{name}.{child.name}"
+            if (
+                isinstance(child, ast.ImportFrom)
+                and child.module == "time"
+                and any(a.name == "sleep" for a in child.names)
+            ):
+                yield inner
+            if (
+                isinstance(child, ast.Attribute)
+                and child.attr == "sleep"
+                and isinstance(child.value, ast.Name)
+                and child.value.id in modules
+            ):
+                yield inner
+            yield from visit(child, inner)
+
+    yield from visit(tree, name)
+
+
+def test_the_sleep_finder_sees_every_spelling() -> None:
+    source = (
+        "import time\nimport time as clock\nfrom time import sleep\n"
+        "def a():\n    time.sleep(1)\n"
+        "async def b():\n    def c():\n        clock.sleep(1)\n"
+        "def d():\n    asyncio.sleep(1)\n"
+    )
+    assert sorted(sleeps("m", ast.parse(source))) == ["m", "m.a", "m.c"]
+
+
+def test_nothing_in_the_gateway_sleeps_on_the_event_loop() -> None:
+    found = {where for name, tree in modules().items() for where in sleeps(name, tree)}
+    unexpected = found - set(SLEEP_ALLOWED)
+    assert not unexpected, f"time.sleep blocks the event loop: use asyncio.sleep in {unexpected}"
+    stale = set(SLEEP_ALLOWED) - found
+    assert not stale, f"no longer sleeps: remove {stale} from SLEEP_ALLOWED"
+
+
+@pytest.mark.parametrize("name", REQUEST_PATH)
+def test_the_request_path_makes_no_blocking_call(name: str) -> None:
+    tree = modules()[name]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names = {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
+        else:
+            names = set()
+        assert not names & BLOCKING_MODULES, f"{name} imports {names & BLOCKING_MODULES}"
+        if isinstance(node, ast.Call):
+            called = ast.unparse(node.func)
+            assert called not in BLOCKING_CALLS, f"{name} calls {called}"
 
 
 def test_only_the_commands_that_run_the_sandbox_import_it() -> None:

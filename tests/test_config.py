@@ -620,6 +620,22 @@ def test_forward_headers_refuse_headers_that_are_never_forwarded(
     ]
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["Content-Encoding", "content-encoding", "X-HTTP-Method-Override", "X-Method-Override",
+     "X-HTTP-Method", "Expect", "X-Original-URL", "X-Rewrite-URL"],
+)  # fmt: skip
+def test_forward_headers_refuse_headers_that_change_the_request(
+    tmp_path: Path, header: str
+) -> None:
+    config = CONFIG + f"forward_headers:\n  - X-Tenant\n  - {header}  {MARK}\n"
+    path = write(tmp_path, config)
+    assert problems(path) == [
+        f"{path}:{line_of(config)}: forward_headers[1]: {header} changes how upstream frames"
+        " or routes the request (the gateway decides that): never forwarded upstream"
+    ]
+
+
 def test_forward_headers_refuse_a_bad_header_name(tmp_path: Path) -> None:
     config = CONFIG + f'forward_headers: ["X-Ok",\n  "X Bad: 1"]  {MARK}\n'
     path = write(tmp_path, config)
@@ -728,7 +744,8 @@ POLICY_CASES: list[tuple[str, str, str, str, str]] = [
      "unknown key (allowed: limits, principals, roles, routes, trusted_headers)"),
     ("unknown-route-key", "    min_role: MEMBER", f"    min_role: MEMBER\n    auth: none  {MARK}",
      "routes[0].auth",
-     "unknown key (allowed: batch, method, min_role, name, params, path, retry, rules)"),
+     "unknown key (allowed: batch, fields, method, min_role, name, params, path, query, retry,"
+     " rules)"),
     ("unknown-batch-key", "      unique: true", f"      unique: true\n      min_items: 1  {MARK}",
      "routes[0].batch.min_items",
      "unknown key (allowed: field, item_pattern, max_items, unique)"),

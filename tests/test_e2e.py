@@ -395,7 +395,7 @@ async def test_any_upstream_answer_passes_back_minus_hop_by_hop_headers(
     assert "X-Gateway-Error" not in reply.headers
     assert reply.headers["Content-Encoding"] == "gzip"
     assert reply.headers["Content-Type"] == "application/json"
-    assert reply.headers["Set-Cookie"] == "upstream=1; Path=/"
+    assert "Set-Cookie" not in reply.headers  # it would stick to the gateway's address
     assert reply.headers["X-Upstream-Custom"] == "kept"
     assert reply.headers.getall("X-Request-ID") == ["pass-back-1"]
     assert "X-Upstream-Private" not in reply.headers

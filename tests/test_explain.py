@@ -72,22 +72,43 @@ def test_an_allowed_request_lists_each_step_and_would_forward(
     document = {"recordIds": [ID]}
     body = body_file(tmp_path, document)
     code, lines = explain(
-        "--config", DEMO, "--token", "demo-member-token", "POST", RESTORE + "?x=1", "--body", body
+        "--config", DEMO, "--token", "demo-member-token", "POST", RESTORE, "--body", body
     )
     size = len(json.dumps(document))
     assert code == 0
     assert lines == [
-        f"POST {RESTORE}?x=1  (nothing is sent)",
+        f"POST {RESTORE}  (nothing is sent)",
         f"  target    ok       {RESTORE}",
         "  identity  ok       demo-member (role MEMBER, via token)",
         f"  route     ok       records-bulk-restore (POST {RESTORE})",
         "  role      ok       MEMBER is at least MEMBER",
         "  params    ok       none to check",
+        "  query     ok       none given",
         f"  body      ok       recordIds: 1 valid item(s), {size} bytes",
         "  rules     ok       none",
         "  limits    ok       none apply",
-        f"would forward: POST http://127.0.0.1:8089{RESTORE}?x=1",
+        f"would forward: POST http://127.0.0.1:8089{RESTORE}",
     ]
+
+
+def test_the_query_step_names_each_parameter_or_the_refusal(explain: Explain) -> None:
+    args = ("--config", DEMO, "--token", "demo-viewer-token", "GET")
+    code, lines = explain(*args, TRASH + "?limit=5&offset=0")
+    assert code == 0
+    assert "  query     ok       limit matches, offset matches" in lines
+    code, lines = explain(*args, TRASH + "?limit=5&sgw_secret_token=1")
+    assert code == 1
+    assert lines[-4:] == [
+        "  body      -        not reached",
+        "  rules     -        not reached",
+        "  limits    -        not reached",
+        "would refuse: 400 InvalidQuery",
+    ]
+    assert lines[6] == (
+        "  query     REFUSED  400 InvalidQuery: The query holds a parameter this route does"
+        " not take (it takes: limit, offset)."
+    )
+    assert not any("sgw_secret_token" in line for line in lines[1:])
 
 
 def test_a_permanent_delete_by_a_member_is_refused_at_the_rules_step(
@@ -117,6 +138,7 @@ def test_a_refusal_shows_the_reason_and_which_steps_were_not_reached(explain: Ex
         "  route     -        not reached",
         "  role      -        not reached",
         "  params    -        not reached",
+        "  query     -        not reached",
         "  body      -        not reached",
         "  rules     -        not reached",
         "  limits    -        not reached",
@@ -249,6 +271,7 @@ def test_explain_opens_no_socket(
         (("--role", "OWNER", "GET", "/x"), "explain: --principal and --role go together"),
         (("-H", "no colon", "GET", "/x"), "--header: expected 'Name: value', got 'no colon'"),
         (("--body", "/no/such/file", "GET", "/x"), "--body: cannot read it: No such file"),
+        (("--http-version", "two", "GET", "/x"), "--http-version: expected e.g. 1.1, got 'two'"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -300,6 +323,40 @@ def test_two_host_headers_are_refused_at_the_target_step_before_identity() -> No
     assert lines[-1] == "would refuse: 400 InvalidRequest"
 
 
+@pytest.mark.parametrize(
+    ("args", "first", "target"),
+    [
+        (
+            ("--http-version", "HTTP/2.0", "GET", "/cash/v1/balance"),
+            "GET /cash/v1/balance HTTP/2.0  (nothing is sent)",
+            "  target    REFUSED  400 InvalidRequest: The gateway serves HTTP/1.0 and HTTP/1.1"
+            " requests only.",
+        ),
+        (
+            ("-H", "Transfer-Encoding: gzip", "POST", RESTORE),
+            f"POST {RESTORE}  (nothing is sent)",
+            "  target    REFUSED  400 InvalidRequest: The only transfer coding accepted is"
+            " chunked.",
+        ),
+        (
+            ("--http-version", "1.0", "-H", "Transfer-Encoding: chunked", "POST", RESTORE),
+            f"POST {RESTORE} HTTP/1.0  (nothing is sent)",
+            "  target    REFUSED  400 InvalidRequest: Transfer-Encoding is not allowed on an"
+            " HTTP/1.0 request.",
+        ),
+    ],
+)
+def test_the_version_and_framing_are_judged_at_the_target_step(
+    explain: Explain, args: tuple[str, ...], first: str, target: str
+) -> None:
+    code, lines = explain("--config", DEMO, "--token", "demo-owner-token", *args)
+    assert code == 1
+    assert lines[:3] == [first, target, "  identity  -        not reached"]
+    assert lines[-1] == "would refuse: 400 InvalidRequest"
+    code, lines = explain("--config", DEMO, "--http-version", "1.0", "GET", TRASH + "?limit=1")
+    assert lines[1] == f"  target    ok       {TRASH}"
+
+
 def console_script() -> str:
     return str(Path(sys.executable).with_name("solapi-gateway"))
 
@@ -324,7 +381,8 @@ class Case:
     ``who``: a role (its bearer token), ``trusted:ROLE`` (the trusted identity
     headers), ``sdk`` / ``sdk-20-min-old`` (an internal key's HMAC signature),
     ``unknown-token``, or None. A body without a Content-Type header goes as
-    application/json, as ``explain --body`` assumes."""
+    application/json, as ``explain --body`` assumes. ``version`` is what the
+    request line names (None: no version at all, which the parser reads as 0.9)."""
 
     expect: str
     method: str
@@ -332,6 +390,7 @@ class Case:
     who: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes | None = None
+    version: str | None = "1.1"
 
 
 JSON = (("Content-Type", "application/json"),)
@@ -342,11 +401,23 @@ TRUSTED = ((TRUSTED_PRINCIPAL, "ops"), (TRUSTED_ROLE, "OWNER"))
 def parity_table(trash: list[str]) -> list[Case]:
     """Every step of the walk refusing at least once, and requests that pass it."""
     too_many = [f"CRMRC{n:016d}ABCDEFGHIJK" for n in range(1001)]
+    utf7 = b'{"recordIds": ["' + trash[1].encode() + b'"], "+AHA-ermanent": true}'
     return [
-        # target: one Host, then canonical syntax; refused before identity is even looked at
+        # target: HTTP/1.0 or 1.1, one Host, a framing it trusts, then canonical syntax;
+        # refused before identity is even looked at
         Case("400 InvalidRequest", "POST", RESTORE, "MEMBER", TWO_HOSTS, ids(trash[0])),
         Case("400 InvalidRequest", "GET", "/crm-core/../x", None, TWO_HOSTS),
+        Case("400 InvalidRequest", "POST", RESTORE, "MEMBER", (*JSON, *JSON), ids(trash[1])),
+        Case("400 InvalidRequest", "GET", TRASH, "VIEWER", version="2.0"),
+        Case("400 InvalidRequest", "GET", TRASH, "VIEWER", version="0.9"),
+        Case("400 InvalidRequest", "GET", TRASH, "VIEWER", version=None),
+        Case("400 InvalidRequest", "GET", "/crm-core/../x", None, version="2.0"),
+        Case("400 InvalidRequest", "POST", RESTORE, "MEMBER", (("Transfer-Encoding", "gzip"),)),
+        Case("400 InvalidRequest", "POST", RESTORE, None, (("Transfer-Encoding", "gzip,chunked"),)),
+        Case("400 InvalidRequest", "GET", TRASH, "VIEWER", (("Transfer-Encoding", "chunked"),),
+             version="1.0"),
         Case("forward", "GET", TRASH + "?limit=2", "VIEWER", (("Host", "gateway.test"),)),
+        Case("forward", "GET", TRASH + "?offset=1", "VIEWER", version="1.0"),
         Case("400 InvalidPath", "GET", "/crm-core/v1/records/../records/trash", "VIEWER"),
         Case("400 InvalidPath", "GET", "/crm-core/v1/records%2Ftrash", "VIEWER"),
         Case("400 InvalidPath", "GET", "/crm-core/v1//records/trash", "VIEWER"),
@@ -367,23 +438,40 @@ def parity_table(trash: list[str]) -> list[Case]:
         Case("403 Forbidden", "POST", RESTORE, "VIEWER", (("Content-Type", "text/plain"),), b"x"),
         Case("400 InvalidItem", "DELETE", "/crm-core/v1/records/not-an-id", "MEMBER"),
         Case("forward", "POST", f"/crm-core/v1/records/{trash[2]}/restore", "trusted:MEMBER"),
+        # query: after the role, with the path parameters
+        Case("403 Forbidden", "POST", RESTORE + "?x=1", "VIEWER", body=ids(trash[1])),
+        Case("400 InvalidQuery", "POST", RESTORE + "?x=1", "MEMBER", body=ids(trash[1])),
+        Case("400 InvalidQuery", "POST", DELETE + "?permanent=true", "OWNER", body=ids(trash[1])),
+        Case("400 InvalidQuery", "DELETE", f"/crm-core/v1/records/{trash[1]}?permanent=true",
+             "MEMBER"),
+        Case("400 InvalidQuery", "GET", TRASH + "?limit=1&limit=1000", "VIEWER"),
+        Case("400 InvalidQuery", "GET", TRASH + "?limit=1;permanent=true", "VIEWER"),
+        Case("400 InvalidQuery", "GET", "/cash/v1/balance?x", "sdk"),
         # body
         Case("415 UnsupportedMediaType", "POST", RESTORE, "MEMBER"),
         Case("415 UnsupportedMediaType", "POST", RESTORE, "MEMBER",
              (("Content-Type", "text/plain"),), ids(trash[1])),
         Case("415 UnsupportedMediaType", "POST", RESTORE, "MEMBER",
              (*JSON, ("Content-Encoding", "gzip")), ids(trash[1])),
+        Case("415 UnsupportedMediaType", "POST", RESTORE, "MEMBER",
+             (*JSON, ("Content-Encoding", "identity"), ("Content-Encoding", "gzip")),
+             ids(trash[1])),
+        Case("415 UnsupportedMediaType", "POST", DELETE, "MEMBER",
+             (("Content-Type", "application/json; charset=utf-7"),), utf7),
         Case("413 PayloadTooLarge", "POST", RESTORE, "MEMBER", JSON, b" " * 70_000),
         Case("400 InvalidJSON", "POST", RESTORE, "MEMBER", JSON, b"{nope"),
         Case("400 BatchEmpty", "POST", RESTORE, "MEMBER", body=ids()),
         Case("400 BatchTooLarge", "POST", RESTORE, "MEMBER", body=ids(*too_many)),
         Case("400 InvalidItem", "POST", RESTORE, "MEMBER", body=ids(trash[1], "CRMRC1")),
         Case("400 DuplicateItems", "POST", DELETE, "MEMBER", body=ids(trash[1], trash[1])),
+        Case("400 InvalidBody", "POST", DELETE, "MEMBER", body=ids(trash[1], Permanent=True)),
+        Case("400 InvalidBody", "POST", DELETE, "OWNER", body=ids(trash[1], **{"permanent ": 1})),
+        Case("400 InvalidBody", "POST", RESTORE, "MEMBER", body=ids(trash[1], permanent=False)),
         # body rules
         Case("403 Forbidden", "POST", DELETE, "MEMBER", body=ids(trash[1], permanent=True)),
         Case("forward", "POST", DELETE, "OWNER", body=ids(trash[3], permanent=True)),
         # and through
-        Case("forward", "POST", RESTORE + "?x=1", "MEMBER", body=ids(trash[0], trash[1])),
+        Case("forward", "POST", RESTORE, "MEMBER", body=ids(trash[0], trash[1])),
         Case("forward", "DELETE", f"/crm-core/v1/records/{trash[4]}", "MEMBER"),
     ]  # fmt: skip
 
@@ -412,7 +500,8 @@ def identity(who: str | None, creds: Creds, sdk_key: SdkKey) -> tuple[list[str],
 def on_the_wire(case: Case, identity_lines: list[str]) -> bytes:
     """The request exactly as the table gives it: raw, so no client tidies the
     target or merges the two Host headers."""
-    lines = [f"{case.method} {case.target} HTTP/1.1", *identity_lines]
+    version = "" if case.version is None else f" HTTP/{case.version}"
+    lines = [f"{case.method} {case.target}{version}", *identity_lines]
     lines += [f"{name}: {value}" for name, value in case.headers]
     names = {name.lower() for name, _ in case.headers}
     if "host" not in names:
@@ -440,7 +529,7 @@ async def test_explain_and_the_running_gateway_answer_the_table_alike(
     disagreements: list[str] = []
     for case in table:
         explain_args, identity_lines = identity(case.who, creds, sdk_key)
-        args = ["--config", config, *explain_args]
+        args = ["--config", config, "--http-version", case.version or "0.9", *explain_args]
         for name, value in case.headers:
             args += ["-H", f"{name}: {value}"]
         if case.body is not None:

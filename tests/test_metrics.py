@@ -62,6 +62,16 @@ def test_principals_outside_the_policy_count_as_other() -> None:
     }
 
 
+def test_a_vouched_for_name_is_other_even_when_it_is_a_principals() -> None:
+    metrics = Metrics()
+    metrics.principals = frozenset({"billing-svc"})
+    metrics.request("r", "GET", 200, 0.01, "billing-svc", "trusted-headers")  # a peer says so
+    metrics.request("r", "GET", 200, 0.01, "billing-svc", "token")  # its own token
+    metrics.request("r", "GET", 200, 0.01, "billing-svc", "hmac")  # its own key pair
+    samples = {s[1]["principal"]: s[2] for s in families(metrics)["gateway_principal_requests"][1]}
+    assert samples == {"billing-svc": 2.0, OTHER_PRINCIPAL: 1.0}
+
+
 def test_unknown_methods_are_counted_as_other() -> None:
     metrics = Metrics()
     metrics.request("unmatched", "BREW", 401, 0.001)

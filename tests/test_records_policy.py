@@ -134,7 +134,6 @@ def test_each_shipped_route_is_allowed_from_its_role_up(
         ({"permanent": None}, "OWNER"),
         ({"permanent": "false"}, "OWNER"),
         ({"permanent": [False]}, "OWNER"),
-        ({"Permanent": True}, "MEMBER"),  # another field: JSON keys are case-sensitive
     ],
 )
 @pytest.mark.parametrize("role", ROLES)
@@ -150,6 +149,66 @@ def test_permanent_bulk_delete_needs_owner(extra: dict[str, Any], needs: str, ro
         assert failed.name == ("role" if role == "VIEWER" else "rules")
         if role == "MEMBER":
             assert "OWNER" in d.error.message and "permanent" in d.error.message
+
+
+@pytest.mark.parametrize(
+    "member", ["Permanent", "PERMANENT", "permanent ", " permanent", "permanent\u0000", "perm"]
+)
+@pytest.mark.parametrize("role", ["MEMBER", "OWNER"])
+def test_a_member_the_delete_does_not_list_is_refused_for_everyone(member: str, role: str) -> None:
+    # Another key to the gateway, and perhaps "permanent" to a lenient reader behind it.
+    d = decide(shipped(), "POST", BULK_DELETE, role, {"recordIds": [ID], member: True})
+    assert refusal(d) == "InvalidBody"
+    assert d.steps[-1].name == "body"
+    assert d.error is not None  # the caller's key is not echoed: it may hold anything
+    assert d.error.message == (
+        "The body holds a member this route does not take (it takes: permanent, recordIds)."
+    )
+
+
+@pytest.mark.parametrize("path", ["config/policy.yaml", "config/demo/policy.yaml"])
+def test_every_shipped_route_lists_its_query_and_every_batch_route_its_fields(
+    path: str,
+) -> None:
+    for route in shipped(path).routes:
+        assert route.query is not None, f"{route.name} takes any query"
+        if route.batch is not None:
+            assert route.fields is not None, f"{route.name} takes any member"
+    routes = {r.name: r for r in shipped(path).routes}
+    # What SOLAPI documents for the restore, and what the delete reads besides.
+    assert routes["records-bulk-restore"].fields == ("recordIds",)
+    assert routes["records-bulk-delete"].fields == ("recordIds", "permanent")
+    assert routes["records-trash"].query is not None
+    assert set(routes["records-trash"].query) == {"limit", "offset"}
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "role"),
+    [
+        ("POST", BULK_DELETE + "?permanent=true", "MEMBER"),
+        ("POST", BULK_DELETE + "?permanent=true", "OWNER"),
+        ("DELETE", f"/crm-core/v1/records/{ID}?permanent=true", "OWNER"),
+        ("POST", BULK_RESTORE + "?x=1", "MEMBER"),
+        ("GET", TRASH + "?limit=5&limit=6", "VIEWER"),
+        ("GET", TRASH + "?limit=5;permanent=true", "VIEWER"),
+        ("GET", TRASH + "?limit=%35", "VIEWER"),
+        ("GET", TRASH + "?Limit=5", "VIEWER"),
+        ("GET", TRASH + "?limit", "VIEWER"),
+        ("GET", TRASH + "?limit=5&", "VIEWER"),
+        ("GET", TRASH + "?limit=-1", "VIEWER"),
+    ],
+)
+def test_a_query_the_route_does_not_list_is_refused(method: str, target: str, role: str) -> None:
+    body = {"recordIds": [ID]} if method == "POST" and "bulk" in target else None
+    d = decide(shipped(), method, target, role, body)
+    assert refusal(d) == "InvalidQuery"
+    assert d.steps[-1].name == "query"
+
+
+def test_the_trash_takes_limit_and_offset_as_digits() -> None:
+    policy = shipped()
+    for target in (TRASH, TRASH + "?limit=5", TRASH + "?offset=10&limit=1000", TRASH + "?"):
+        assert decide(policy, "GET", target, "VIEWER").would_forward, target
 
 
 def test_a_rule_is_judged_after_the_batch_is_valid() -> None:

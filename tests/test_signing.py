@@ -211,3 +211,34 @@ def test_any_signed_header_round_trips(salt: str) -> None:
         assert salt.startswith("-") or salt.endswith("-")
         return
     assert creds.salt == salt and creds.api_key == KEY and creds.date == DATE
+
+
+# --- reasons never quote the header ---------------------------------------------------------
+
+SECRET_PART = "sgwTokenXyZ123secret"  # what a caller put where a part should be
+header_parts = st.sampled_from(
+    [SECRET_PART, f"{SECRET_PART}=1", f"apiKey={SECRET_PART}", "apiKey=NCSX", f"date={SECRET_PART}",
+     f"salt={SECRET_PART}", f"signature={SECRET_PART}", f"{SECRET_PART}=", f"ApiKey={SECRET_PART}",
+     "date=2026-11-28T09:15:02Z", "salt=0123456789abcdef", "signature=" + "ab" * 32, ""]
+)  # fmt: skip
+
+
+@given(st.lists(header_parts, min_size=1, max_size=6), st.sampled_from([", ", ",", " , "]))
+def test_no_reason_quotes_the_header(parts: list[str], comma: str) -> None:
+    """A reason goes to the access log: whatever a caller put in the header, a token
+    pasted under the wrong scheme included, it is never quoted there."""
+    header = "HMAC-SHA256 " + comma.join(parts)
+    try:
+        signing.parse(header)
+    except Rejected as exc:
+        assert SECRET_PART not in exc.reason
+        assert SECRET_PART[:8] not in exc.reason
+
+
+def test_a_token_under_the_hmac_scheme_is_refused_by_position() -> None:
+    with pytest.raises(Rejected) as err:
+        signing.parse(f"HMAC-SHA256 {SECRET_PART}")
+    assert err.value.reason == "part 1 of 1 is not apiKey=, date=, salt= or signature="
+    with pytest.raises(Rejected) as err:
+        signing.parse(f"HMAC-SHA256 ApiKey=a, apikey={SECRET_PART}")
+    assert err.value.reason == "repeated part apikey"

@@ -125,6 +125,7 @@ CASH_BALANCE_ROUTE = """\
     method: GET
     path: /cash/v1/balance
     min_role: VIEWER
+    query: {}
 """
 
 
