@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from gateway.config import Address
+from gateway.addresses import Address
 from gateway.metrics import CONTENT_TYPE, Metrics, render
 
 

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 
 from gateway import (
     __version__,
+    addresses,
     config,
     demo,
     logs,
@@ -115,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     logs.setup()
-    parsed = config.parse_address(args.listen)
+    parsed = addresses.parse_address(args.listen)
     if isinstance(parsed, str):
         print(f"--listen: {parsed}", file=sys.stderr)
         return EXIT_CONFIG

@@ -26,11 +26,9 @@ below are taken from the environment; an unset one is an error.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Final
 
@@ -49,6 +47,15 @@ from pydantic import (
 from yarl import URL
 
 from gateway import names, tls, yamlsource
+from gateway.addresses import (
+    Address,
+    AddressField,
+    StateURL,
+    collector,
+    origin,
+    parse_address,
+    state_url,
+)
 from gateway.headers import ALWAYS_FORWARDED, CHANGES_THE_REQUEST, NEVER_FORWARDED
 from gateway.policy import Policy, read_policy
 from gateway.schema import (
@@ -86,90 +93,8 @@ POLICY_FILE: Final = "policy"
 DEFAULT_CONFIG: Final = "config/gateway.yaml"
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> Address | str:
-    """``HOST:PORT`` or ``[V6]:PORT`` → Address, or a problem description."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        return "must be HOST:PORT with a port from 1 to 65535"
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return "the part in [] must be an IPv6 address"
-    elif not host or ":" in host:
-        return "must be HOST:PORT (write IPv6 hosts as [::1]:PORT)"
-    return Address(host, int(port_text))
-
-
-def _address(value: str) -> Address:
-    parsed = parse_address(value)
-    if isinstance(parsed, str):
-        raise Invalid(parsed)
-    return parsed
-
-
-def _origin(value: str) -> URL:
-    """``http(s)://HOST[:PORT]``, and nothing else: each request brings its own path."""
-    shape = "must be http(s)://HOST[:PORT] only"
-    scheme, sep, _ = value.partition("://")
-    if not sep:
-        raise Invalid(f"{shape}: it has no scheme (write https://{value})")
-    if scheme not in ("http", "https"):
-        raise Invalid(f"{shape}: the scheme is {scheme!r}")
-    try:
-        url = URL(value)
-        port = url.port
-    except ValueError:
-        raise Invalid(f"{shape}: the port must be a number from 1 to 65535") from None
-    if not url.host:
-        raise Invalid(f"{shape}: it names no host")
-    if url.user is not None or url.password is not None:
-        raise Invalid(f"{shape}: it must not hold a user or password")
-    if url.path not in ("", "/"):
-        raise Invalid(f"{shape}: it must not hold a path (each request brings its own)")
-    if url.query_string or url.fragment or "?" in value or "#" in value:
-        raise Invalid(f"{shape}: it must not hold a query or fragment")
-    if port is not None and not 0 < port < 65536:
-        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
-    return url.with_path("")
-
-
-AddressField = Annotated[Address, plain(_address, env=True, keep=Address)]
-
-
-def _collector(value: str) -> URL:
-    """An OTLP/HTTP collector: ``http(s)://HOST[:PORT]`` (spans go to ``/v1/traces``
-    there), or the full URL of its traces endpoint when a path is given."""
-    shape = "must be http(s)://HOST[:PORT][/PATH]"
-    scheme, sep, _ = value.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        raise Invalid(f"{shape}: {'it has no scheme' if not sep else f'the scheme is {scheme!r}'}")
-    try:
-        url = URL(value)
-        port = url.port
-    except ValueError:
-        raise Invalid(f"{shape}: the port must be a number from 1 to 65535") from None
-    if not url.host:
-        raise Invalid(f"{shape}: it names no host")
-    if url.user is not None or url.password is not None:
-        raise Invalid(f"{shape}: it must not hold a user or password")
-    if port is not None and not 0 < port < 65536:
-        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
-    return url if url.path not in ("", "/") else url.with_path("/v1/traces")
-
-
 class TracingSettings(Model):
-    otlp_endpoint: Annotated[URL, plain(_collector, env=True, keep=URL)] = Field(
+    otlp_endpoint: Annotated[URL, plain(collector, env=True, keep=URL)] = Field(
         description="the OTLP/HTTP collector spans are sent to, e.g. http://collector:4318 ${VAR}"
     )
     service_name: Annotated[Str, matching(names.SERVICE_NAME, names.SERVICE_NAME_RULE)] = Field(
@@ -181,7 +106,7 @@ class TracingSettings(Model):
 
 
 class UpstreamSettings(Model):
-    url: Annotated[URL, plain(_origin, env=True, keep=URL)] = Field(
+    url: Annotated[URL, plain(origin, env=True, keep=URL)] = Field(
         description="where SOLAPI is: http(s)://HOST[:PORT] ${VAR}"
     )
     timeout_s: Seconds = Field(30.0, description="the whole upstream exchange, retries included")
@@ -331,55 +256,6 @@ def _audit_file(value: object, info: ValidationInfo) -> str:
     return path
 
 
-class StateURL:
-    """Where Redis is: a URL that prints itself without its password (logs, errors,
-    ``check-config``); only the client that connects is given ``reveal()``."""
-
-    __slots__ = ("_value", "shown")
-
-    def __init__(self, value: str, shown: str) -> None:
-        self._value, self.shown = value, shown
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return self.shown
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StateURL) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError("a StateURL cannot be pickled")
-
-
-def _state_url(value: str) -> StateURL:
-    shape = "must be redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)"
-    scheme, sep, _ = value.partition("://")
-    if not sep or scheme not in ("redis", "rediss"):
-        raise Invalid(shape)  # never the value: it may hold a password
-    try:
-        url = URL(value)
-        port = url.port
-    except ValueError:
-        raise Invalid(f"{shape}: it could not be read") from None
-    if not url.host:
-        raise Invalid(f"{shape}: it names no host")
-    if port is not None and not 0 < port < 65536:
-        raise Invalid(f"{shape}: the port must be a number from 1 to 65535")
-    if url.path not in ("", "/") and not url.path[1:].isdigit():
-        raise Invalid(f"{shape}: the path may only be a database number")
-    if url.query_string or url.fragment:
-        raise Invalid(f"{shape}: no query or fragment")
-    shown = url.with_password("****") if url.password is not None else url
-    return StateURL(value, str(shown))
-
-
 def _one_of(*words: str) -> Callable[[str], str | None]:
     return lambda value: None if value in words else f"must be {' or '.join(words)}"
 
@@ -390,7 +266,7 @@ class StateSettings(Model):
     backend: Annotated[Str, check(_one_of("memory", "redis"))] = Field(
         "memory", description="memory: this machine (workers share it); redis: every replica"
     )
-    url: Annotated[StateURL, plain(_state_url, env=True, keep=StateURL)] | None = Field(
+    url: Annotated[StateURL, plain(state_url, env=True, keep=StateURL)] | None = Field(
         None, description="redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss:// ${VAR}"
     )
     key_prefix: Str = Field("sgw:", description="prefix of every Redis key the gateway writes")

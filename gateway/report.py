@@ -21,7 +21,8 @@ from pydantic.fields import FieldInfo
 from yarl import URL
 
 from gateway import walk
-from gateway.config import Address, Settings, StateURL
+from gateway.addresses import Address, StateURL
+from gateway.config import Settings
 from gateway.limits import ANY_ROUTE, Limit
 from gateway.policy import Policy
 from gateway.routes import Route

@@ -46,7 +46,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import __version__, admin, config, logs, state, tls, tracing
-from gateway.config import Address, Settings
+from gateway.addresses import Address
+from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
 from gateway.server import Gateway

@@ -35,7 +35,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway import replay
-from gateway.config import StateURL
+from gateway.addresses import StateURL
 from gateway.limits import Charge, Verdict
 from gateway.signing import WINDOW_S
 from gateway.statefile import StateError
