@@ -6,6 +6,7 @@ lines, and killed by the fixture that started it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -106,6 +107,9 @@ class Proc:
                 stderr=err,
                 env={**environ, **(env or {})},
                 text=stdout,
+                # A group of its own, so that ``kill`` takes the workers of a
+                # ``serve --workers N`` down with their supervisor.
+                start_new_session=True,
             )
 
     @property
@@ -152,8 +156,10 @@ class Proc:
         return self.popen.returncode
 
     def kill(self) -> None:
+        """SIGKILL to it and to every process it started (its workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         if not self.exited:
-            self.popen.kill()
             self.popen.wait(STOP_TIMEOUT_S)
 
 
