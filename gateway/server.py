@@ -15,14 +15,17 @@ it starts, so a reload in the middle of it cannot mix old and new policy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
+from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict
 
 from gateway import logs, walk
 from gateway.config import Settings
@@ -39,6 +42,7 @@ from gateway.headers import downstream_headers, new_request_id, request_id, upst
 from gateway.identity import verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
+from gateway.protocol import SendTimeout
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
@@ -79,8 +83,31 @@ class Entry:
     # The batch's items, for the audit log only: never on the access-log line.
     record_ids: list[str] | None = None
 
-
-_ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name != "record_ids")
+    def line(self) -> dict[str, Any]:
+        """The access-log line: time, event, then every field that is set, in this order."""
+        line: dict[str, Any] = {
+            "time": logs.now_iso(),
+            "event": "access",
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+        }
+        if self.peer is not None:
+            line["peer"] = self.peer
+        line["route"] = self.route
+        for name in ("principal", "role", "via"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["status"] = self.status
+        for name in ("errorCode", "reason", "batch_items"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["duration_ms"] = self.duration_ms
+        for name in ("upstream_ms", "upstream_status"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["attempts"] = self.attempts
+        return line
 
 
 class Gateway:
@@ -104,20 +131,36 @@ class Gateway:
         # The path only, as for every request: a query string may carry anything.
         path = request.raw_path.partition("?")[0][:512]
         entry = Entry(request_id(request.headers), request.method, path, peer)
-        self.metrics.in_flight.inc()
+        metrics = self.metrics
+        metrics.entered()
         try:
-            response = await self._walk(request, loaded, entry)
-        except GatewayError as exc:
-            response = self._refuse(exc, entry)
-        except Exception:
-            # A fault of the gateway's own, not a refusal: logged with its traceback,
-            # answered like every other error (or, once an answer has begun, cut).
-            logging.getLogger("gateway").exception("request %s failed", entry.request_id)
-            if request.writer.output_size > 0 and request.transport is not None:
-                request.transport.abort()
-            response = self._refuse(InternalError("The gateway failed on this request."), entry)
+            try:
+                response = await self._walk(request, loaded, entry)
+            except GatewayError as exc:
+                response = self._refuse(exc, entry)
+            except Exception:
+                # A fault of the gateway's own, not a refusal: logged with its traceback,
+                # answered like every other error (or, once an answer has begun, cut).
+                logging.getLogger("gateway").exception("request %s failed", entry.request_id)
+                if request.writer.output_size > 0 and request.transport is not None:
+                    request.transport.abort()
+                response = self._refuse(InternalError("The gateway failed on this request."), entry)
+            if entry.errorCode is not None:
+                # The gateway's own answer is logged before it is sent, as it always was
+                # (a caller that reads the log after its answer finds the line there).
+                entry.status = response.status
+                self._finish(entry, time.perf_counter() - started)
+                logs.flush()
+                failed = await send(request, response)
+                if isinstance(failed, SendTimeout):  # the line is out: say it separately
+                    logs.emit("connection_closed", request_id=entry.request_id, reason=str(failed))
+                return response
+            if not response.prepared:  # (a streamed answer went out as it arrived)
+                failed = await send(request, response)
+                if failed is not None:
+                    entry.reason = unsent(failed)
         finally:
-            self.metrics.in_flight.dec()
+            metrics.left()
         entry.status = response.status
         self._finish(entry, time.perf_counter() - started)
         return response
@@ -139,6 +182,7 @@ class Gateway:
         response = self._refuse(error, entry)
         entry.status = response.status
         self._finish(entry, 0.0)
+        logs.flush()  # before aiohttp sends the answer, as for every refusal
         return response
 
     async def _walk(
@@ -146,7 +190,7 @@ class Gateway:
     ) -> web.StreamResponse:
         settings = loaded.settings
         policy, limit = settings.policy, settings.max_body_bytes
-        decision = walk.Decision(request.method, request.raw_path)
+        decision = walk.Decision(request.method, request.raw_path, explain=False)
         try:
             walk.locate(decision, request.headers, policy)
             # After the route lookup, so that even ShuttingDown is counted by route.
@@ -188,49 +232,33 @@ class Gateway:
             on_throttle=route.retry_on_throttle,
         )
         tally = Tally()
-        slot = await self.upstream.acquire_slot(settings.upstream)
+        slots = await self.upstream.acquire_slot(settings.upstream)
         started = time.perf_counter()
         try:
             answer = await self.upstream.exchange(
                 upstream_request, settings.upstream, settings.signer.fresh_header, tally
             )
         except GatewayError:
-            slot.release()
+            slots.release()
             self._upstream_done(entry, tally, started)
             raise
+        entry.upstream_status = answer.status
+        if answer.body is not None:
+            # Read whole: upstream is done with, and its slot free, before the caller
+            # is sent a byte (handle() sends it, however slowly the caller reads).
+            slots.release()
+            self._upstream_done(entry, tally, started)
+            response = web.Response(status=answer.status, reason=answer.reason, body=answer.body)
+            downstream_headers(answer.headers, entry.request_id, into=response.headers)
+            return response
+        headers = downstream_headers(answer.headers, entry.request_id)
+        slot = Slot(slots)
         try:
-            return await self._relay(request, answer, entry, tally)
+            return await relay(request, answer, headers, entry, tally, slot)
         finally:
             answer.release()
             slot.release()
             self._upstream_done(entry, tally, started)
-
-    async def _relay(
-        self, request: web.BaseRequest, answer: Answer, entry: Entry, tally: Tally
-    ) -> web.StreamResponse:
-        """Stream upstream's answer back as it arrives."""
-        entry.upstream_status = answer.status
-        response = web.StreamResponse(
-            status=answer.status,
-            reason=answer.reason,
-            headers=downstream_headers(answer.headers, entry.request_id),
-        )
-        try:
-            await response.prepare(request)
-            while chunk := await answer.read(_CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionError:  # our write failed: the caller hung up
-            entry.reason = "caller went away before the answer was sent"
-        except Failure as failed:
-            # Headers are already on their way: the only honest signal left is to
-            # cut the connection, so the caller sees a truncated answer, not a
-            # complete-looking one.
-            tally.failed(failed.kind)
-            entry.reason = f"upstream failed mid-body ({failed.kind})"
-            if request.transport is not None:
-                request.transport.abort()
-        return response
 
     def _upstream_done(self, entry: Entry, tally: Tally, started: float) -> None:
         seconds = time.perf_counter() - started
@@ -245,16 +273,22 @@ class Gateway:
         return error_response(exc, entry.request_id, close=self.draining)
 
     def _finish(self, entry: Entry, seconds: float) -> None:
+        """The metrics and the access line (written by the end of this loop turn)."""
         entry.duration_ms = round(seconds * 1000, 3)
         self.metrics.request(entry.route, entry.method, entry.status, seconds, entry.principal)
-        line = _present(entry)
-        logs.emit("access", **line)
+        line = entry.line()
+        logs.access(line)
         if self.audit is not None and entry.record_ids is not None:
             self.audit.write_batch(line, entry.record_ids)
 
 
-def _present(entry: Entry) -> dict[str, Any]:
-    return {k: v for k in _ACCESS_FIELDS if (v := getattr(entry, k)) is not None}
+def settle_after_start() -> None:
+    """Take what start-up built (modules, config, policy, sessions: a few hundred
+    thousand objects that live as long as the process) out of the cyclic garbage
+    collector's view. Otherwise every full collection walks all of them again,
+    a pause of tens of milliseconds in the middle of some request."""
+    gc.collect()
+    gc.freeze()
 
 
 def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.Response:
@@ -271,18 +305,99 @@ def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.R
     return response
 
 
+class Slot:
+    """An upstream slot held by a streamed answer: given back once, whichever
+    comes first, the answer's end or the first wait for a slow caller."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+
+
+async def send(request: web.BaseRequest, response: web.StreamResponse) -> ConnectionError | None:
+    """Send a whole answer in one write; a caller that does not take it within
+    ``send_timeout_s`` loses the connection (gateway/protocol.py). Returns why
+    the caller did not get all of it (``SendTimeout``, or the caller gone), or None."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError as exc:
+        return exc
+    return None
+
+
+def unsent(exc: ConnectionError) -> str:
+    """The access-log reason for an answer the caller did not get."""
+    if isinstance(exc, SendTimeout):
+        return str(exc)
+    return "caller went away before the answer was sent"
+
+
+async def relay(
+    request: web.BaseRequest,
+    answer: Answer,
+    headers: CIMultiDict[str],
+    entry: Entry,
+    tally: Tally,
+    slot: Slot,
+) -> web.StreamResponse:
+    """Stream a long (or unframed) answer back as it arrives. The first time the
+    caller is slower than upstream, the upstream slot is given back before
+    waiting for it: a slow caller never holds a slot that others need."""
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    try:
+        writer = await response.prepare(request)
+        assert isinstance(writer, StreamWriter)
+        protocol = request.protocol
+        while chunk := await answer.read(_CHUNK):
+            await writer.write(chunk, drain=False)
+            if protocol.writing_paused:
+                slot.release()
+                await writer.drain()  # within send_timeout_s (gateway/protocol.py)
+        await response.write_eof()
+        slot.release()
+        await writer.drain()  # write_eof() does not wait when it has nothing left to write
+    except ConnectionError as exc:  # our write failed, or the caller did not take it in time
+        entry.reason = unsent(exc)
+    except Failure as failed:
+        # Headers are already on their way: the only honest signal left is to
+        # cut the connection, so the caller sees a truncated answer, not a
+        # complete-looking one.
+        tally.failed(failed.kind)
+        entry.reason = f"upstream failed mid-body ({failed.kind})"
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
 async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> bytes:
     """The whole body: PayloadTooLarge as soon as it passes ``limit`` bytes,
     RequestTimeout if it has not all arrived within ``timeout_s`` (a trickling
     caller may hold a connection, but not for ever)."""
     if request.content_length is not None and request.content_length > limit:
         raise walk.too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+    content = request.content
+    if content.is_eof():
+        # All of it came with the headers (every body-less request, most small
+        # ones): take it as it is, without a timer.
+        body = content.read_nowait(-1)
+        if content.at_eof():
+            if len(body) > limit:
+                raise walk.too_large(limit)
+            return body
+        chunks, size = [body], len(body)
+    else:
+        chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                chunk = await request.content.readany()
+                chunk = await content.readany()
                 if not chunk:
                     break
                 size += len(chunk)

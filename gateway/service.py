@@ -41,7 +41,7 @@ from gateway import __version__, admin, config, logs, state
 from gateway.config import Address, Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
-from gateway.server import Gateway
+from gateway.server import Gateway, settle_after_start
 from gateway.yamlsource import ConfigError
 
 
@@ -142,6 +142,7 @@ async def serve(
     try:
         async with contextlib.AsyncExitStack() as stack:
             gateway, stop = await _start(stack, settings, shared)
+            settle_after_start()
             logs.emit(
                 "started",
                 version=__version__,
@@ -210,6 +211,7 @@ def _proxy_runner(gateway: Gateway, settings: Settings) -> web.ServerRunner:
     server = GatewayServer(
         gateway.handle,
         gateway.bad_request,
+        send_timeout_s=lambda: gateway.loaded.settings.send_timeout_s,  # reloadable
         access_log=None,
         auto_decompress=False,  # the body is forwarded byte for byte
         # One timer bounds both an idle kept-alive connection and a caller

@@ -61,6 +61,15 @@ def answer(status: int, body: bytes = OK_BODY, extra: str = "") -> bytes:
     ).encode() + body
 
 
+def chunked_head(status: int) -> bytes:
+    """The head of an answer whose length is not known in advance (chunked)."""
+    return f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with an RST, not a FIN: what a crashed or killed peer looks like."""
     sock = writer.get_extra_info("socket")
@@ -249,7 +258,7 @@ async def test_reset_before_the_headers_is_502_and_not_retried(
     assert access[0]["attempts"] == 1 and access[0]["status"] == 502
 
 
-async def test_reset_half_way_through_the_body_cuts_the_callers_connection(
+async def test_reset_half_way_through_a_framed_body_is_502_before_anything_is_sent(
     upstream: FakeUpstream,
     gateway_for: Callable[..., GatewayProc],
     creds: Creds,
@@ -257,6 +266,28 @@ async def test_reset_half_way_through_the_body_cuts_the_callers_connection(
 ) -> None:
     async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(answer(200, b"x" * 1000)[:-900])  # headers promise 1000 bytes, 100 follow
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        reset(writer)
+        return False
+
+    upstream.script = [half]
+    gw = gateway_for(upstream.url)
+    # An answer this size is read whole before the caller gets a byte of it, so
+    # the caller gets a complete error instead of a truncated 200.
+    assert_error(await trash(gw, creds, http_session), 502, "UpstreamUnavailable")
+    assert (await trash(gw, creds, http_session)).status == 200
+    assert (await logged(gw, 2))[0]["status"] == 502
+
+
+async def test_reset_half_way_through_a_streamed_body_cuts_the_callers_connection(
+    upstream: FakeUpstream,
+    gateway_for: Callable[..., GatewayProc],
+    creds: Creds,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(chunked_head(200) + chunk(b"x" * 100))  # no length: streamed as it comes
         await writer.drain()
         await asyncio.sleep(0.1)
         reset(writer)
@@ -336,6 +367,7 @@ async def test_a_429_whose_retry_after_does_not_fit_is_passed_back_at_once(
     assert len(upstream.authorizations) == 1
 
 
+@pytest.mark.parametrize("framed", [True, False], ids=["framed", "streamed"])
 @pytest.mark.parametrize(("pieces", "status"), [(5, 200), (40, None)])
 async def test_a_trickling_body_is_relayed_or_cut_at_the_timeout(
     upstream: FakeUpstream,
@@ -344,17 +376,23 @@ async def test_a_trickling_body_is_relayed_or_cut_at_the_timeout(
     http_session: aiohttp.ClientSession,
     pieces: int,
     status: int | None,
+    framed: bool,
 ) -> None:
     body = b"y" * pieces * 10
 
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        whole = answer(200, body)
-        head = whole[: len(whole) - len(body)]
-        writer.write(head)
+        if framed:
+            whole = answer(200, body)
+            writer.write(whole[: len(whole) - len(body)])
+        else:
+            writer.write(chunked_head(200))
         for i in range(pieces):
-            writer.write(body[i * 10 : (i + 1) * 10])
+            piece = body[i * 10 : (i + 1) * 10]
+            writer.write(piece if framed else chunk(piece))
             await writer.drain()
             await asyncio.sleep(0.05)
+        if not framed:
+            writer.write(b"0\r\n\r\n")
         return True
 
     upstream.script = [trickle]
@@ -362,13 +400,17 @@ async def test_a_trickling_body_is_relayed_or_cut_at_the_timeout(
     headers = {"Authorization": f"Bearer {creds.tokens['MEMBER']}"}
     started = time.monotonic()
     async with http_session.get(gw.url + PLAIN, headers=headers) as response:
-        assert response.status == 200
         if status == 200:
+            assert response.status == 200
             assert await response.read() == body
+        elif framed:  # read whole, so the timeout is still the gateway's to answer
+            assert response.status == 504
+            assert response.headers["X-Gateway-Error"] == "UpstreamTimeout"
         else:
+            assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
-            assert time.monotonic() - started < 1.8  # cut at timeout_s, not when upstream ends
+        assert time.monotonic() - started < 1.8  # cut at timeout_s, not when upstream ends
     assert (await trash(gw, creds, http_session)).status == 200
 
 
