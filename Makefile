@@ -31,12 +31,12 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
 
-bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes docs/performance.md
+bench: $(STAMP)  ## load benchmark against baselines (about 20 minutes); writes docs/performance.md
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; }
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
-	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds
-	$(BIN)/python bench/run.py
+	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds --benchmark-json=$(VENV)/bench-micro.json
+	$(BIN)/python bench/run.py --micro-json $(VENV)/bench-micro.json
 
 soak: $(STAMP)  ## 60 s under 200 clients: no errors, one salt per request, flat RSS; writes docs/soak.md
 	$(BIN)/python bench/soak.py

@@ -18,6 +18,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESTORE = "/crm-core/v1/records/bulk/restore"
+TRASH = "/crm-core/v1/records/trash"
 
 
 def free_port() -> int:
@@ -66,10 +67,18 @@ def machine() -> str:
 
 
 def write_gateway_config(
-    folder: Path, port: int, admin: int, upstream_url: str, api_key: str, token: str
+    folder: Path,
+    port: int,
+    admin: int,
+    upstream_url: str,
+    api_key: str,
+    token: str,
+    *,
+    upstream_extra: str = "",
 ) -> Path:
-    """A gateway.yaml + policy.yaml in ``folder`` with the restore route and one MEMBER
-    token; the secret file holds a random secret. Returns the gateway.yaml path."""
+    """A gateway.yaml + policy.yaml in ``folder`` with the restore and trash routes and
+    one MEMBER token; the secret file holds a random secret. ``upstream_extra``: more
+    ``upstream:`` keys, as indented YAML lines. Returns the gateway.yaml path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "secret").write_text("bench-secret-" + os.urandom(12).hex() + "\n")
     digest = hashlib.sha256(token.encode()).hexdigest()
@@ -89,6 +98,10 @@ routes:
       max_items: 1000
       item_pattern: "^CRMRC[0-9]{{16}}[0-9A-Za-z]{{11}}$"
       unique: true
+  - name: records-trash
+    method: GET
+    path: {TRASH}
+    min_role: VIEWER
 """
     )
     (folder / "gateway.yaml").write_text(
@@ -96,7 +109,7 @@ routes:
 admin_listen: "127.0.0.1:{admin}"
 upstream:
   url: "{upstream_url}"
-credentials:
+{upstream_extra}credentials:
   api_key: "{api_key}"
   api_secret_file: "secret"
 shutdown_grace_s: 2
