@@ -24,8 +24,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
-from aiohttp.http_writer import StreamWriter
-from multidict import CIMultiDict
 
 from gateway import logs, walk
 from gateway.config import Settings
@@ -43,14 +41,14 @@ from gateway.identity import verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
 from gateway.protocol import SendTimeout
+from gateway.relay import Slot, relay, send, unsent
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.state import State
-from gateway.transport import Answer, Failure, UpstreamRequest
+from gateway.transport import UpstreamRequest
 from gateway.upstream import Upstream
 
-_CHUNK = 64 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
@@ -254,7 +252,8 @@ class Gateway:
         headers = downstream_headers(answer.headers, entry.request_id)
         slot = Slot(slots)
         try:
-            return await relay(request, answer, headers, entry, tally, slot)
+            streamed, entry.reason = await relay(request, answer, headers, tally, slot)
+            return streamed
         finally:
             answer.release()
             slot.release()
@@ -283,8 +282,8 @@ class Gateway:
 
 
 def settle_after_start() -> None:
-    """Take what start-up built (modules, config, policy, sessions: a few hundred
-    thousand objects that live as long as the process) out of the cyclic garbage
+    """Take what start-up built (modules, config, policy, sessions: tens of thousands
+    of objects that live as long as the process) out of the cyclic garbage
     collector's view. Otherwise every full collection walks all of them again,
     a pause of tens of milliseconds in the middle of some request."""
     gc.collect()
@@ -302,77 +301,6 @@ def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.R
     # trusting; and while draining, the caller should reconnect elsewhere.
     if close or isinstance(exc, PayloadTooLarge | RequestTimeout | ShuttingDown | InvalidRequest):
         response.force_close()
-    return response
-
-
-class Slot:
-    """An upstream slot held by a streamed answer: given back once, whichever
-    comes first, the answer's end or the first wait for a slow caller."""
-
-    __slots__ = ("_slots",)
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots: asyncio.Semaphore | None = slots
-
-    def release(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
-
-
-async def send(request: web.BaseRequest, response: web.StreamResponse) -> ConnectionError | None:
-    """Send a whole answer in one write; a caller that does not take it within
-    ``send_timeout_s`` loses the connection (gateway/protocol.py). Returns why
-    the caller did not get all of it (``SendTimeout``, or the caller gone), or None."""
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError as exc:
-        return exc
-    return None
-
-
-def unsent(exc: ConnectionError) -> str:
-    """The access-log reason for an answer the caller did not get."""
-    if isinstance(exc, SendTimeout):
-        return str(exc)
-    return "caller went away before the answer was sent"
-
-
-async def relay(
-    request: web.BaseRequest,
-    answer: Answer,
-    headers: CIMultiDict[str],
-    entry: Entry,
-    tally: Tally,
-    slot: Slot,
-) -> web.StreamResponse:
-    """Stream a long (or unframed) answer back as it arrives. The first time the
-    caller is slower than upstream, the upstream slot is given back before
-    waiting for it: a slow caller never holds a slot that others need."""
-    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
-    try:
-        writer = await response.prepare(request)
-        assert isinstance(writer, StreamWriter)
-        protocol = request.protocol
-        while chunk := await answer.read(_CHUNK):
-            await writer.write(chunk, drain=False)
-            if protocol.writing_paused:
-                slot.release()
-                await writer.drain()  # within send_timeout_s (gateway/protocol.py)
-        await response.write_eof()
-        slot.release()
-        await writer.drain()  # write_eof() does not wait when it has nothing left to write
-    except ConnectionError as exc:  # our write failed, or the caller did not take it in time
-        entry.reason = unsent(exc)
-    except Failure as failed:
-        # Headers are already on their way: the only honest signal left is to
-        # cut the connection, so the caller sees a truncated answer, not a
-        # complete-looking one.
-        tally.failed(failed.kind)
-        entry.reason = f"upstream failed mid-body ({failed.kind})"
-        if request.transport is not None:
-            request.transport.abort()
     return response
 
 

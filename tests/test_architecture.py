@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).parent.parent / "gateway"
 WALK = (
     "gateway.server", "gateway.walk", "gateway.target", "gateway.identity", "gateway.policy",
     "gateway.batch", "gateway.signing", "gateway.headers", "gateway.errors", "gateway.protocol",
+    "gateway.relay",
 )  # fmt: skip
 
 
