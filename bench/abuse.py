@@ -4,7 +4,11 @@ Each scenario is started against a gateway of its own (``Victim``), normal paced
 traffic is measured before and while it runs, and the gateway's RSS is read
 before and at the end. bench/run.py runs every scenario in ``SCENARIOS``; to
 add one (a replay flood, say), write a class with ``name``, ``what``,
-``start(victim)`` and ``stop()``, and append it there.
+``start(victim)`` and ``stop()``, and append it there. ``start`` returns once the
+abuse is under way and keeps it going (threads, processes) until ``stop``; a
+scenario that needs more in the victim's config (an internal HMAC key, say) adds
+it to bench/common.py's ``write_gateway_config``. The report's table takes its
+``name`` and ``what`` as they are.
 
     slow-reader   as many connections as upstream.max_concurrent, each pipelining
                   requests for ~130 KiB answers and never reading one

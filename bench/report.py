@@ -91,7 +91,7 @@ def render(
                     f"{median(r, 'p50_ms'):.2f} | {median(r, 'p99_ms'):.2f} | "
                     f"{sum(x.errors for x in r)} |"
                 )
-    lines += render_ratios(runs)
+    lines += ["", *render_ratios(runs)]
     lines += ["", "### Added latency at half of the gateway's capacity", ""]
     lines += [
         "Paced load (16 connections) at half of what (c1) managed above, against (c1) and",
@@ -156,14 +156,14 @@ def render(
             ratio = rps[("c1", n, conns)] / rps[("m", n, conns)]
             lines.append(
                 f"| (c1) ≥ {MIN_RATIO_TO_MINIMAL:.2f} × (m), {n} IDs, {conns} connections | "  # noqa: RUF001
-                f"{ratio:.2f} | {verdict(ratio >= MIN_RATIO_TO_MINIMAL)} |"
+                f"{ratio:.3f} | {verdict(ratio >= MIN_RATIO_TO_MINIMAL)} |"
             )
     for n in BODIES:
         for conns in CONNS:
             ratio = p99[("c1", n, conns)] / p99[("m", n, conns)]
             lines.append(
                 f"| (c1) p99 ≤ {MAX_P99_TO_MINIMAL} × (m) p99, {n} IDs, {conns} connections | "  # noqa: RUF001
-                f"{ratio:.2f} | {verdict(ratio <= MAX_P99_TO_MINIMAL)} |"
+                f"{ratio:.3f} | {verdict(ratio <= MAX_P99_TO_MINIMAL)} |"
             )
     for n, p50, p99v in added:
         lines.append(
