@@ -24,7 +24,8 @@ Results are printed and written into docs/performance.md between the
 rest of that file is hand-written analysis and is kept).
 
     python bench/run.py [--duration 8] [--repeats 3] [--warmup 2] [--micro-json F]
-                        [--skip abuse,tail] [--no-write]
+                        [--skip latency,abuse,tail] [--no-write]
+    python bench/run.py --targets m,c1      # a quick look at two targets, nothing written
 """
 
 from __future__ import annotations
