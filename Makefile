@@ -31,12 +31,12 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
 
-bench: $(STAMP)  ## load benchmark against baselines (about 15 minutes); writes docs/performance.md
+bench: $(STAMP)  ## load benchmark against baselines (about 25 minutes); writes docs/performance.md
 	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light redis-server; }
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
-	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds
-	$(BIN)/python bench/run.py
+	$(BIN)/pytest -q -p no:randomly bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,rounds --benchmark-json=$(VENV)/bench-micro.json
+	$(BIN)/python bench/run.py --micro-json $(VENV)/bench-micro.json
 	$(BIN)/python bench/limits.py  # rate limits and shared state; writes docs/state.md
 	$(BIN)/python bench/tls.py
 

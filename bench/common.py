@@ -1,6 +1,5 @@
 """What bench/run.py and bench/soak.py share: ports, waiting, RSS, the machine's
-description, a gateway config of their own (written by the tests' one writer), and
-their section of a docs/ page."""
+description, a gateway config of their own, and their section of a docs/ page."""
 
 from __future__ import annotations
 
@@ -13,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -23,10 +24,17 @@ from support.configs import (  # noqa: E402
     RESTORE_ROUTE,
     ROLES_LINE,
     principal_yaml,
-    write_gateway_config,
 )
+from support.configs import write_gateway_config as support_config  # noqa: E402
 
 RESTORE = "/crm-core/v1/records/bulk/restore"
+TRASH = "/crm-core/v1/records/trash"
+TRASH_ROUTE = f"""\
+  - name: records-trash
+    method: GET
+    path: {TRASH}
+    min_role: VIEWER
+"""
 
 
 def free_port() -> int:
@@ -74,14 +82,23 @@ def machine() -> str:
     )
 
 
-def gateway_folder(
-    folder: Path, port: int, admin: int, upstream_url: str, api_key: str, token: str
+def write_gateway_config(
+    folder: Path,
+    port: int,
+    admin: int,
+    upstream_url: str,
+    api_key: str,
+    token: str,
+    *,
+    upstream: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A gateway.yaml + policy.yaml in ``folder`` with the restore route and one MEMBER
-    token; the secret file holds a random secret. Returns the gateway.yaml path."""
+    """A gateway.yaml + policy.yaml in ``folder`` with the restore and trash routes and
+    one MEMBER token; the secret file holds a random secret. ``upstream``: more
+    ``upstream:`` keys. Written by the tests' one config writer. Returns the
+    gateway.yaml path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "secret").write_text("bench-secret-" + os.urandom(12).hex() + "\n")
-    return write_gateway_config(
+    return support_config(
         folder,
         port=port,
         admin_port=admin,
@@ -92,8 +109,10 @@ def gateway_folder(
         + "principals:\n"
         + principal_yaml("bench-svc", "MEMBER", token=token)
         + "routes:\n"
-        + RESTORE_ROUTE,
+        + RESTORE_ROUTE
+        + TRASH_ROUTE,
         settings={"shutdown_grace_s": 2},
+        upstream=upstream,
     )
 
 

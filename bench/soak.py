@@ -41,11 +41,11 @@ from common import (
     RESTORE,
     ROOT,
     free_port,
-    gateway_folder,
     machine,
     rss_kib,
     stop_all,
     wait_for,
+    write_gateway_config,
     write_section,
 )
 
@@ -95,7 +95,7 @@ class Processes:
         """Start both; return the sandbox URL, the gateway URL and the gateway process."""
         sandbox_port, port, admin = free_port(), free_port(), free_port()
         sandbox_url = f"http://127.0.0.1:{sandbox_port}"
-        config = gateway_folder(self.tmp, port, admin, sandbox_url, API_KEY, TOKEN)
+        config = write_gateway_config(self.tmp, port, admin, sandbox_url, API_KEY, TOKEN)
         sandbox = self.spawn(
             ["sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--api-key", API_KEY,
              "--api-secret-file", str(self.tmp / "secret")],

@@ -340,6 +340,9 @@ class Settings(Model):
         75.0, description="idle caller connections; also bounds sending headers"
     )
     body_timeout_s: Seconds = Field(15.0, description="the most time a caller has to send a body")
+    send_timeout_s: Seconds = Field(
+        10.0, description="an answer the caller does not take within it ends the connection"
+    )
     audit_log: Annotated[str, PlainValidator(_audit_file)] | None = Field(
         None, description="append one JSON line per batch here (relative to this file)"
     )

@@ -77,7 +77,16 @@ def request_id(headers: MultiMapping[str]) -> str:
 
 
 def new_request_id() -> str:
-    return os.urandom(16).hex()  # as unique as uuid4().hex, at a quarter of the cost
+    """32 random hex digits, as unique as uuid4().hex: taken from a pool of random
+    bytes drawn 64 ids at a time, so most requests cost no getrandom(2) call."""
+    if not _ids:
+        pool = os.urandom(16 * 64).hex()
+        _ids.extend(pool[i : i + 32] for i in range(0, len(pool), 32))
+    return _ids.pop()
+
+
+_ids: list[str] = []
+os.register_at_fork(after_in_child=_ids.clear)  # a child never repeats its parent's
 
 
 def incoming_trace(headers: MultiMapping[str]) -> tuple[str | None, str | None]:
@@ -112,14 +121,18 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
+def downstream_headers(
+    upstream: MultiMapping[str], request_id: str, into: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """Upstream's answer headers for the caller, added to ``into`` (e.g. a response's
+    own headers, to spare a copy) or to a new multidict."""
     # Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     named = {
         token.strip().lower()
         for value in upstream.getall("Connection", ())
         for token in value.split(",")
     }
-    out: CIMultiDict[str] = CIMultiDict()
+    out: CIMultiDict[str] = CIMultiDict() if into is None else into
     for name, value in upstream.items():
         lowered = name.lower()
         if lowered in NEVER_RETURNED or lowered in named:

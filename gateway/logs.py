@@ -1,7 +1,11 @@
 """Everything the gateway writes to stderr: one JSON object per line.
 
-``emit`` writes an event with one buffered write, so lines from concurrent
-requests (and from several workers sharing stderr) never interleave. Library
+``emit`` writes an event with one write(2), so lines from concurrent
+requests (and from several workers sharing stderr) never interleave. The
+access lines of one event-loop turn are gathered (``access``) and written
+together, in writes of whole lines of at most ``PIPE_BUF`` bytes, which a
+pipe never interleaves either: one syscall for a turn's lines instead of one
+each. ``flush`` writes them at once; an exiting process writes what is left. Library
 log records (aiohttp's, asyncio's) are turned into the same JSON lines by
 ``JsonHandler``, so an operator's log pipeline parses every line.
 
@@ -14,8 +18,11 @@ can move it away.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
+import select
 import sys
 import time
 import traceback
@@ -39,14 +46,81 @@ def now_iso() -> str:
 def emit(event: str, **fields: Any) -> None:
     record = {"time": now_iso(), "event": event, **fields}
     line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    flush()  # the access lines gathered so far go first
+    _write(line)
+
+
+def _write(data: bytes) -> None:
     try:
         sys.stderr.flush()  # anything written through the text layer goes first
-        # One write(2) per line, so lines from workers sharing stderr never interleave.
-        view = memoryview(line)
+        view = memoryview(data)
         while view:
             view = view[os.write(2, view) :]
     except (OSError, ValueError):  # a closed stderr must not take a request down with it
         pass
+
+
+# Writes up to this size are never interleaved with other writers' on a pipe.
+_ATOMIC: Final = select.PIPE_BUF
+
+
+class _Gathered:
+    """The access lines of the current event-loop turn, not yet written."""
+
+    __slots__ = ("lines", "loop", "scheduled", "size")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.scheduled = False
+        # The loop last seen running: asking asyncio each time costs a getpid(2) on 3.11.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+_gathered = _Gathered()
+
+
+def access(line: dict[str, Any]) -> None:
+    """Write one access line by the end of this event-loop turn (at once if no
+    loop runs). ``line`` is the whole record, ``time`` and ``event`` first."""
+    data = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    gathered = _gathered
+    if gathered.size + len(data) > _ATOMIC:
+        flush()
+    gathered.lines.append(data)
+    gathered.size += len(data)
+    loop = gathered.loop
+    if loop is None or not loop.is_running():  # first line, or a loop that has ended
+        try:
+            loop = gathered.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            flush()
+            return
+        gathered.scheduled = False
+    if not gathered.scheduled:
+        gathered.scheduled = True
+        loop.call_soon(flush)
+
+
+def flush() -> None:
+    """Write the gathered access lines now."""
+    gathered = _gathered
+    gathered.scheduled = False
+    if gathered.lines:
+        data = b"".join(gathered.lines)
+        gathered.lines.clear()
+        gathered.size = 0
+        # No sys.stderr.flush() here, unlike emit(): the text layer is line-buffered,
+        # so whole lines written through it are out already.
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(2, view) :]
+        except OSError:
+            pass
+
+
+atexit.register(flush)
 
 
 # What an audit line keeps of the access-log line (absent ones are left out).

@@ -19,11 +19,21 @@ runs which way is said when a ``Metrics`` is made: ``multiprocess_dir`` names
 that folder (the supervisor's and each worker's), None keeps the values in
 this process. This module can be imported at any time, before or after the
 folder is known: see ``_keep_values``.
+
+A request's observations cost a few dictionary updates: they are added up
+here and handed to prometheus-client (its locks, its bucket search and, with
+workers, its file writes) in one go, by ``flush``. Every collection of the
+registry flushes first, so a scrape is exact; with workers, whose scrapes read
+the files, a flush also runs at the end of every event-loop turn that recorded
+something, so the files trail the answers by at most that turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -47,6 +57,9 @@ LATENCY_BUCKETS: Final = (
     30.0, 60.0,
 )  # fmt: skip
 BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000)
+# The same, with +Inf: what prometheus-client counts into (``_observe``).
+LATENCY_BOUNDS: Final = (*LATENCY_BUCKETS, float("inf"))
+BATCH_BOUNDS: Final = (*(float(b) for b in BATCH_BUCKETS), float("inf"))
 OTHER_PRINCIPAL: Final = "other"
 VOUCHED: Final = "trusted-headers"  # a Caller's ``via`` when a peer only said the name
 _METHODS: Final = frozenset(METHODS)
@@ -93,6 +106,12 @@ def _keep_values(multiprocess_dir: str | None) -> None:
     values.ValueClass = chosen
 
 
+# What a request adds up, keyed by (metric, label values...): counter increments,
+# and for histograms one count per bucket (+Inf last) followed by the sum.
+Counts = dict[tuple[str, ...], float]
+Observed = dict[tuple[str, ...], list[float]]
+
+
 class Metrics:
     def __init__(
         self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
@@ -103,6 +122,8 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # First of all, so that every collection flushes before it reads a value.
+        r.register(_Flush(self))
         self.requests = Counter(
             "gateway_requests_total",
             "Proxied requests answered, by route, method and status.",
@@ -193,16 +214,36 @@ class Metrics:
             self.state_errors.labels(op)
         # The names that get a principal label of their own; set from the policy.
         self.principals: frozenset[str] = frozenset()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._metric = {
+            "requests": self.requests, "duration": self.duration,
+            "upstream_duration": self.upstream_duration, "rejections": self.rejections,
+            "batch_items": self.batch_items, "upstream_errors": self.upstream_errors,
+            "upstream_retries": self.upstream_retries,
+            "principal_requests": self.principal_requests,
+            "rate_limited": self.rate_limited_total, "state_errors": self.state_errors,
+        }  # fmt: skip
+        self._counts: Counts = {}
+        self._observed: Observed = {}
+        self._in_flight = 0  # now; the gauge is set from it by flush
+        self._in_flight_shown = 0
+        # With workers, the files must catch up by themselves; alone, scrapes flush.
+        self._flush_each_turn = multiprocess_dir is not None
+        self._flush_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, looked up once: labels() validates and locks
-        on every call, and these few children are used on every request."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+    # --- recording: plain arithmetic on the event loop's thread ----------------------------
+
+    def entered(self) -> None:
+        """A proxied request began (``gateway_in_flight_requests``)."""
+        self._in_flight += 1
+        if self._flush_each_turn:
+            self._soon()
+
+    def left(self) -> None:
+        self._in_flight -= 1
+        if self._flush_each_turn:
+            self._soon()
 
     def request(
         self,
@@ -215,36 +256,121 @@ class Metrics:
     ) -> None:
         label = method if method in _METHODS else "OTHER"
         code = str(status)
-        self._child(self.requests, route, label, code).inc()
-        self._child(self.duration, route).observe(seconds)
+        counts = self._counts
+        key: tuple[str, ...] = ("requests", route, label, code)
+        counts[key] = counts.get(key, 0) + 1
+        key = ("duration", route)
+        added = self._observed.get(key)
+        if added is None:  # (_observe, inlined: this runs for every request)
+            added = self._observed[key] = [0.0] * (len(LATENCY_BOUNDS) + 1)
+        added[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        added[-1] += seconds
         if principal is not None:
             named = principal in self.principals and via != VOUCHED
             who = principal if named else OTHER_PRINCIPAL
-            self._child(self.principal_requests, who, route, code).inc()
+            key = ("principal_requests", who, route, code)
+            counts[key] = counts.get(key, 0) + 1
+        if self._flush_each_turn:
+            self._soon()
 
     def rejected(self, route: str, code: str) -> None:
-        self._child(self.rejections, route, code).inc()
+        self._count(("rejections", route, code))
 
     def rate_limited(self, limit: str, route: str) -> None:
-        self._child(self.rate_limited_total, limit, route).inc()
+        self._count(("rate_limited", limit, route))
 
     def state_error(self, op: str) -> None:
-        self._child(self.state_errors, op).inc()
+        self._count(("state_errors", op))
+
+    def _count(self, key: tuple[str, ...]) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._flush_each_turn:
+            self._soon()
 
     def batch(self, route: str, items: int) -> None:
-        self._child(self.batch_items, route).observe(items)
+        self._observe(("batch_items", route), BATCH_BOUNDS, items)
 
     def upstream(self, route: str, seconds: float, failures: list[str], retries: list[str]) -> None:
-        self._child(self.upstream_duration, route).observe(seconds)
+        self._observe(("upstream_duration", route), LATENCY_BOUNDS, seconds)
+        counts = self._counts
         for kind in failures:
-            self._child(self.upstream_errors, route, kind).inc()
+            key = ("upstream_errors", route, kind)
+            counts[key] = counts.get(key, 0) + 1
         for reason in retries:
-            self._child(self.upstream_retries, route, reason).inc()
+            key = ("upstream_retries", route, reason)
+            counts[key] = counts.get(key, 0) + 1
+
+    def _observe(self, key: tuple[str, ...], bounds: tuple[float, ...], value: float) -> None:
+        added = self._observed.get(key)
+        if added is None:
+            added = self._observed[key] = [0.0] * (len(bounds) + 1)
+        # The first bucket whose upper bound is >= value, as prometheus-client counts.
+        added[bisect_left(bounds, value)] += 1
+        added[-1] += value
+
+    def _soon(self) -> None:
+        """Flush at the end of this event-loop turn (at once if no loop runs)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():  # (asking asyncio costs a getpid(2))
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a script, a test): nothing to wait for
+                self.flush()
+                return
+            self._flush_pending = False
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop.call_soon(self.flush)
+
+    # --- handing the sums to prometheus-client ------------------------------------------------
+
+    def flush(self) -> None:
+        """Add everything recorded since the last flush to the Prometheus metrics."""
+        self._flush_pending = False
+        counts, self._counts = self._counts, {}
+        for (name, *labels), amount in counts.items():
+            self._child(name, *labels).inc(amount)
+        observed, self._observed = self._observed, {}
+        for (name, *labels), added in observed.items():
+            child = self._child(name, *labels)
+            # The histogram's own values: observe() would search the buckets and lock
+            # once per observation; these are already counted per bucket.
+            for bucket, count in zip(child._buckets, added, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(added[-1])
+        if self._in_flight != self._in_flight_shown:
+            self.in_flight.set(self._in_flight)
+            self._in_flight_shown = self._in_flight
+
+    def _child(self, name: str, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: labels() validates and locks."""
+        key = (name, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._metric[name].labels(*values)
+        return child
+
+
+class _Flush:
+    """A collector with no metrics of its own: registered first, it flushes the
+    sums recorded so far before the registry's metrics are read."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        self._metrics.flush()
+        return iter(())
 
 
 def render(metrics: Metrics) -> bytes:
     """The text exposition: this process's registry, or all workers' files."""
     if metrics.multiprocess_dir is not None:
+        metrics.flush()  # this process's own, if it records any
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
             registry, path=metrics.multiprocess_dir

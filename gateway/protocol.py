@@ -21,11 +21,19 @@ says the same. Three things remain that only the connection can do:
 - Answers carry no ``Server`` header of the gateway's own, and an answer to a
   request line naming HTTP/2.0 or 0.9 (refused) is an HTTP/1.1 answer, not one
   in the version it named (``GatewayRequest``).
+
+Output is bounded per connection (``BoundedOutput``): answers are written one
+at a time, the gateway takes no further request from a connection whose
+unsent output passes ``OUTPUT_BOUND_BYTES``, and an answer the caller does not
+take within ``send_timeout_s`` ends the connection (``SendTimeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -39,6 +47,12 @@ from gateway.walk import SERVED_VERSIONS
 
 # (request, status aiohttp chose, its exception) → the answer to send
 OnBadRequest = Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse]
+# The current send_timeout_s (read when needed, so a reload changes it).
+SendTimeoutS = Callable[[], float]
+
+# Unsent output a connection may hold in the gateway before its handler waits for
+# the caller (and so stops taking requests from it): one small answer's worth.
+OUTPUT_BOUND_BYTES: Final = 64 * 1024
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -84,7 +98,70 @@ def asked_version(request: web.BaseRequest) -> tuple[int, int]:
     return (request.version.major, request.version.minor)
 
 
-class _RequestHandler(web_protocol.RequestHandler):
+# --- output: one answer at a time, bounded, and taken within send_timeout_s ------------------
+
+
+class SendTimeout(ConnectionResetError):
+    """The caller did not take an answer within ``send_timeout_s``; its
+    connection was closed. A ``ConnectionError``, like any caller gone away."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the caller did not take the answer within send_timeout_s ({timeout_s:g} s); "
+            "connection closed"
+        )
+
+
+class BoundedOutput(web_protocol.RequestHandler):
+    """A connection whose unsent answers are bounded, in bytes and in time.
+
+    aiohttp answers pipelined requests one at a time and waits for the caller
+    (``drain``) only when the transport holds more than its high-water mark;
+    the gateway sets that mark to ``OUTPUT_BOUND_BYTES``, and its handler
+    drains after every answer, so a connection never holds more than that
+    plus the answer being written, and, while its handler waits, no further
+    request of it is taken (aiohttp stops reading once a few are queued).
+
+    The wait itself is bounded: a caller that has not taken the answer within
+    ``send_timeout_s`` loses the connection, and the write fails with
+    ``SendTimeout``. The timer exists only while a caller is being waited on,
+    never for an answer the socket takes at once.
+    """
+
+    send_timeout_s: SendTimeoutS | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=OUTPUT_BOUND_BYTES)
+
+    async def _drain_helper(self) -> None:
+        # aiohttp's StreamWriter.drain() awaits this whenever the transport has
+        # paused writing: the one place every answer waits for its caller.
+        timeout = self.send_timeout_s
+        if timeout is None or not self._paused or self.transport is None:
+            return await super()._drain_helper()
+        timeout_s = timeout()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await super()._drain_helper()
+        except TimeoutError:
+            if self.transport is not None:
+                _drop(self.transport)
+            raise SendTimeout(timeout_s) from None
+
+
+def _drop(transport: asyncio.Transport) -> None:
+    """Close with a reset: what the caller did not take is dropped at once, in
+    the gateway and in the kernel, instead of lingering until it is taken."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # closed meanwhile: abort() is all there is to do
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class _RequestHandler(BoundedOutput):
     on_bad_request: OnBadRequest | None = None
 
     def handle_error(
@@ -136,9 +213,17 @@ class GatewayServer(web.Server):
     """``web.Server`` whose connections answer parse errors through ``on_bad_request``
     and whose requests are ``GatewayRequest``s."""
 
-    def __init__(self, handler: Any, on_bad_request: OnBadRequest, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        on_bad_request: OnBadRequest,
+        *,
+        send_timeout_s: SendTimeoutS | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._on_bad_request = on_bad_request
+        self._send_timeout_s = send_timeout_s
 
     def _make_request(
         self,
@@ -153,4 +238,5 @@ class GatewayServer(web.Server):
     def __call__(self) -> web_protocol.RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
         handler.on_bad_request = self._on_bad_request
+        handler.send_timeout_s = self._send_timeout_s
         return handler

@@ -103,8 +103,10 @@ class Retrying:
         # encoded=True: the target was checked to be canonical; yarl must not rewrite it.
         url = URL(f"{settings.url}{request.target}", encoded=True)
         deadline = self._clock() + settings.timeout_s
+        remaining = settings.timeout_s  # the whole budget for the first attempt
         while True:
-            remaining = deadline - self._clock()
+            if tally.attempts:
+                remaining = deadline - self._clock()
             if remaining <= 0:
                 tally.error_kind = "timeout"
                 raise UpstreamTimeout("The upstream did not answer in time.")

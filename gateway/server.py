@@ -15,9 +15,10 @@ it starts, so a reload in the middle of it cannot mix old and new policy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -41,16 +42,24 @@ from gateway.headers import downstream_headers, new_request_id, request_id, upst
 from gateway.identity import peer_cert, verifier_for
 from gateway.metrics import Metrics
 from gateway.policy import UNMATCHED
+from gateway.protocol import SendTimeout
+from gateway.relay import Slot, relay, send, unsent
 from gateway.retry import Tally
 from gateway.routes import Route
 from gateway.signing import Verifier
 from gateway.state import State
 from gateway.tls import ServerTls
-from gateway.transport import Answer, Failure, UpstreamRequest
+from gateway.transport import UpstreamRequest
 from gateway.upstream import Upstream
 
-_CHUNK = 64 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+# Why an upstream exchange gave no answer, by the kind of its last failed attempt.
+_NO_ANSWER = {
+    "connect": "upstream could not be reached",
+    "reset": "upstream closed the connection",
+    "protocol": "upstream sent an answer that could not be read",
+    "timeout": "upstream did not answer in time",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,15 +94,33 @@ class Entry:
     record_ids: list[str] | None = None
     trace: tracing.Trace = tracing.NO_TRACE
 
-
-_ACCESS_FIELDS = tuple(f.name for f in fields(Entry) if f.name not in ("record_ids", "trace"))
-# Why an upstream exchange gave no answer, by the kind of its last failed attempt.
-_NO_ANSWER = {
-    "connect": "upstream could not be reached",
-    "reset": "upstream closed the connection",
-    "protocol": "upstream sent an answer that could not be read",
-    "timeout": "upstream did not answer in time",
-}
+    def line(self) -> dict[str, Any]:
+        """The access-log line: time, event, then every field that is set, in this order."""
+        line: dict[str, Any] = {
+            "time": logs.now_iso(),
+            "event": "access",
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+        }
+        if self.peer is not None:
+            line["peer"] = self.peer
+        line["route"] = self.route
+        for name in ("principal", "role", "via"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["status"] = self.status
+        for name in ("errorCode", "reason", "batch_items"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["duration_ms"] = self.duration_ms
+        for name in ("upstream_ms", "upstream_status"):
+            if (value := getattr(self, name)) is not None:
+                line[name] = value
+        line["attempts"] = self.attempts
+        if self.trace_id is not None:
+            line["trace_id"] = self.trace_id
+        return line
 
 
 class Gateway:
@@ -127,24 +154,40 @@ class Gateway:
         entry = Entry(request_id(request.headers), request.method, path, peer)
         entry.trace = trace = self.tracing.begin(request.headers)
         entry.trace_id = trace.trace_id
-        self.metrics.in_flight.inc()
+        metrics = self.metrics
+        metrics.entered()
         try:
-            response = await self._walk(request, loaded, entry)
-        except GatewayError as exc:
-            response = self._refuse(exc, entry)
-            if protocol.expects_continue(request):
-                # Refused before the body was asked for: the caller holds it back,
-                # so answer and close rather than wait for (or read) a body.
-                response.force_close()
-        except Exception:
-            # A fault of the gateway's own, not a refusal: logged with its traceback,
-            # answered like every other error (or, once an answer has begun, cut).
-            logging.getLogger("gateway").exception("request %s failed", entry.request_id)
-            if request.writer.output_size > 0 and request.transport is not None:
-                request.transport.abort()
-            response = self._refuse(InternalError("The gateway failed on this request."), entry)
+            try:
+                response = await self._walk(request, loaded, entry)
+            except GatewayError as exc:
+                response = self._refuse(exc, entry)
+                if protocol.expects_continue(request):
+                    # Refused before the body was asked for: the caller holds it back,
+                    # so answer and close rather than wait for (or read) a body.
+                    response.force_close()
+            except Exception:
+                # A fault of the gateway's own, not a refusal: logged with its traceback,
+                # answered like every other error (or, once an answer has begun, cut).
+                logging.getLogger("gateway").exception("request %s failed", entry.request_id)
+                if request.writer.output_size > 0 and request.transport is not None:
+                    request.transport.abort()
+                response = self._refuse(InternalError("The gateway failed on this request."), entry)
+            if entry.errorCode is not None:
+                # The gateway's own answer is logged before it is sent, as it always was
+                # (a caller that reads the log after its answer finds the line there).
+                entry.status = response.status
+                self._finish(entry, time.perf_counter() - started)
+                logs.flush()
+                failed = await send(request, response)
+                if isinstance(failed, SendTimeout):  # the line is out: say it separately
+                    logs.emit("connection_closed", request_id=entry.request_id, reason=str(failed))
+                return response
+            if not response.prepared:  # (a streamed answer went out as it arrived)
+                failed = await send(request, response)
+                if failed is not None:
+                    entry.reason = unsent(failed)
         finally:
-            self.metrics.in_flight.dec()
+            metrics.left()
         entry.status = response.status
         self._finish(entry, time.perf_counter() - started)
         return response
@@ -166,6 +209,7 @@ class Gateway:
         response = self._refuse(error, entry)
         entry.status = response.status
         self._finish(entry, 0.0)
+        logs.flush()  # before aiohttp sends the answer, as for every refusal
         return response
 
     async def _walk(
@@ -173,7 +217,9 @@ class Gateway:
     ) -> web.StreamResponse:
         settings = loaded.settings
         policy, limit = settings.policy, settings.max_body_bytes
-        decision = walk.Decision(request.method, request.raw_path, protocol.asked_version(request))
+        decision = walk.Decision(
+            request.method, request.raw_path, protocol.asked_version(request), explain=False
+        )
         now = time.time()
         try:
             walk.locate(decision, request.headers, policy)
@@ -225,52 +271,37 @@ class Gateway:
         )
         entry.trace.to_upstream(upstream_request.headers)
         tally = Tally()
-        slot = await self.upstream.acquire_slot(settings.upstream)
+        slots = await self.upstream.acquire_slot(settings.upstream)
         started = time.perf_counter()
         try:
             answer = await self.upstream.exchange(
                 upstream_request, settings.upstream, settings.signer.fresh_header, tally
             )
         except GatewayError as exc:
-            slot.release()
+            slots.release()
             if exc.reason is None and tally.error_kind is not None:
                 exc.reason = f"{_NO_ANSWER[tally.error_kind]} ({tally.attempts} attempt(s))"
             entry.reason = exc.reason
             self._upstream_done(entry, tally, started)
             raise
+        entry.upstream_status = answer.status
+        if answer.body is not None:
+            # Read whole: upstream is done with, and its slot free, before the caller
+            # is sent a byte (handle() sends it, however slowly the caller reads).
+            slots.release()
+            self._upstream_done(entry, tally, started)
+            response = web.Response(status=answer.status, reason=answer.reason, body=answer.body)
+            downstream_headers(answer.headers, entry.request_id, into=response.headers)
+            return response
+        headers = downstream_headers(answer.headers, entry.request_id)
+        slot = Slot(slots)
         try:
-            return await self._relay(request, answer, entry, tally)
+            streamed, entry.reason = await relay(request, answer, headers, tally, slot)
+            return streamed
         finally:
             answer.release()
             slot.release()
             self._upstream_done(entry, tally, started)
-
-    async def _relay(
-        self, request: web.BaseRequest, answer: Answer, entry: Entry, tally: Tally
-    ) -> web.StreamResponse:
-        """Stream upstream's answer back as it arrives."""
-        entry.upstream_status = answer.status
-        response = web.StreamResponse(
-            status=answer.status,
-            reason=answer.reason,
-            headers=downstream_headers(answer.headers, entry.request_id),
-        )
-        try:
-            await response.prepare(request)
-            while chunk := await answer.read(_CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionError:  # our write failed: the caller hung up
-            entry.reason = "caller went away before the answer was sent"
-        except Failure as failed:
-            # Headers are already on their way: the only honest signal left is to
-            # cut the connection, so the caller sees a truncated answer, not a
-            # complete-looking one.
-            tally.failed(failed.kind)
-            entry.reason = f"upstream failed mid-body ({failed.kind})"
-            if request.transport is not None:
-                request.transport.abort()
-        return response
 
     def _upstream_done(self, entry: Entry, tally: Tally, started: float) -> None:
         seconds = time.perf_counter() - started
@@ -289,19 +320,25 @@ class Gateway:
         return error_response(exc, entry.request_id, close=self.draining)
 
     def _finish(self, entry: Entry, seconds: float) -> None:
+        """The metrics and the access line (written by the end of this loop turn)."""
         entry.duration_ms = round(seconds * 1000, 3)
         self.metrics.request(
             entry.route, entry.method, entry.status, seconds, entry.principal, entry.via
         )
-        line = _present(entry)
-        logs.emit("access", **line)
+        line = entry.line()
+        logs.access(line)
         entry.trace.finish(entry)
         if self.audit is not None and entry.record_ids is not None:
             self.audit.write_batch(line, entry.record_ids)
 
 
-def _present(entry: Entry) -> dict[str, Any]:
-    return {k: v for k in _ACCESS_FIELDS if (v := getattr(entry, k)) is not None}
+def settle_after_start() -> None:
+    """Take what start-up built (modules, config, policy, sessions: tens of thousands
+    of objects that live as long as the process) out of the cyclic garbage
+    collector's view. Otherwise every full collection walks all of them again,
+    a pause of tens of milliseconds in the middle of some request."""
+    gc.collect()
+    gc.freeze()
 
 
 def error_response(exc: GatewayError, rid: str, *, close: bool = False) -> web.Response:
@@ -326,13 +363,23 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
     the caller hangs up first."""
     if request.content_length is not None and request.content_length > limit:
         raise walk.too_large(limit)
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     try:
+        if content.is_eof() and not protocol.expects_continue(request):
+            # All of it came with the headers (every body-less request, most small
+            # ones): take it as it is, without a timer.
+            body = content.read_nowait(-1)
+            if content.at_eof():
+                if len(body) > limit:
+                    raise walk.too_large(limit)
+                return body
+            chunks, size = [body], len(body)
         async with asyncio.timeout(timeout_s):
             await protocol.send_continue(request)
             while True:
-                chunk = await request.content.readany()
+                chunk = await content.readany()
                 if not chunk:
                     break
                 size += len(chunk)

@@ -50,7 +50,7 @@ from gateway.addresses import Address
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayServer
-from gateway.server import Gateway
+from gateway.server import Gateway, settle_after_start
 from gateway.status import Status, Workers
 from gateway.watch import Watcher
 from gateway.yamlsource import ConfigError
@@ -182,6 +182,7 @@ async def serve(
     try:
         async with contextlib.AsyncExitStack() as stack:
             gateway, stop = await _start(stack, settings, shared)
+            settle_after_start()
             lifecycle(
                 "started",
                 process,
@@ -275,6 +276,7 @@ def _proxy_runner(gateway: Gateway, settings: Settings) -> web.ServerRunner:
     server = GatewayServer(
         gateway.handle,
         gateway.bad_request,
+        send_timeout_s=lambda: gateway.loaded.settings.send_timeout_s,  # reloadable
         access_log=None,
         auto_decompress=False,  # the body is forwarded byte for byte
         # One timer bounds both an idle kept-alive connection and a caller

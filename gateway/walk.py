@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 from multidict import MultiMapping
 
@@ -73,8 +73,7 @@ STEPS: Final = (
 SERVED_VERSIONS: Final = ((1, 0), (1, 1))  # the HTTP versions a request line may name
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):  # a tuple: made seven times a request, and a tuple is cheap
     name: str
     ok: bool
     detail: str
@@ -96,6 +95,9 @@ class Decision:
     steps: list[Step] = field(default_factory=list)
     error: GatewayError | None = None
     unrouted: GatewayError | None = field(default=None, repr=False)  # held for the route step
+    # False in the live gateway: a refusal is only raised, no step is recorded
+    # (the steps are what ``explain`` shows; the gateway needs only the facts above).
+    explain: bool = True
 
     @property
     def route_name(self) -> str:
@@ -105,10 +107,10 @@ class Decision:
     def would_forward(self) -> bool:
         return self.error is None and len(self.steps) == len(STEPS)
 
-    def step(self, name: str) -> _Recorder:
+    def step(self, name: str) -> _Recorder | _Quiet:
         """Record step ``name``: passed with the detail given to the callable the
         ``with`` block receives, or refused with the GatewayError that leaves it."""
-        return _Recorder(self, name)
+        return _Recorder(self, name) if self.explain else _QUIET
 
 
 class _Recorder:
@@ -134,6 +136,25 @@ class _Recorder:
             d.error = exc
             why = exc.reason or exc.message
             d.steps.append(Step(self.name, False, f"{exc.status} {exc.code}: {why}"))
+
+
+class _Quiet:
+    """``Decision.step`` when nothing is to be recorded: one shared, inert block."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Callable[[str], None]:
+        return _ignore
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        return None
+
+
+def _ignore(detail: str) -> None:
+    pass
+
+
+_QUIET: Final = _Quiet()
 
 
 def too_large(limit: int) -> PayloadTooLarge:

@@ -213,6 +213,8 @@ PATTERNS = [
     r"(?i)abc",
     r"[\s\S]",
     r"\D+",
+    r"[0-9]+?",  # lazy: the shortest match is not the item
+    r"(a|ab)(c|bcd)?",
 ]
 
 

@@ -25,6 +25,8 @@ from support import (
     Received,
     Reply,
     answer,
+    chunk,
+    chunked_head,
     family,
     free_port,
     hang,
@@ -185,11 +187,28 @@ async def test_reset_before_the_headers_is_502_and_not_retried(
     assert access[0]["reason"] == "upstream closed the connection (1 attempt(s))"
 
 
-async def test_reset_half_way_through_the_body_cuts_the_callers_connection(
+async def test_reset_half_way_through_a_framed_body_is_502_before_anything_is_sent(
     behind: Callable[..., Faulty],
 ) -> None:
     async def half(received: Received, writer: asyncio.StreamWriter) -> bool:
         writer.write(answer(200, b"x" * 1000)[:-900])  # headers promise 1000 bytes, 100 follow
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        return await reset(received, writer)
+
+    fault = behind(half)
+    # An answer this size is read whole before the caller gets a byte of it, so
+    # the caller gets a complete error instead of a truncated 200.
+    assert_error(await fault.trash(), 502, "UpstreamUnavailable")
+    assert (await fault.trash()).status == 200
+    assert (await fault.logged(2))[0]["status"] == 502
+
+
+async def test_reset_half_way_through_a_streamed_body_cuts_the_callers_connection(
+    behind: Callable[..., Faulty],
+) -> None:
+    async def half(received: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(chunked_head(200) + chunk(b"x" * 100))  # no length: streamed as it comes
         await writer.drain()
         await asyncio.sleep(0.1)
         return await reset(received, writer)
@@ -250,39 +269,50 @@ async def test_a_429_whose_retry_after_does_not_fit_is_passed_back_at_once(
     assert len(fault.upstream.received) == 1
 
 
+@pytest.mark.parametrize("framed", [True, False], ids=["framed", "streamed"])
 @pytest.mark.parametrize(
     ("pieces", "timeout_s", "status"),
     [(5, PATIENT_TIMEOUT_S, 200), (400, TIMEOUT_S, None)],
     ids=["relayed", "cut"],
 )
 async def test_a_trickling_body_is_relayed_or_cut_at_the_timeout(
-    behind: Callable[..., Faulty], pieces: int, timeout_s: float, status: int | None
+    behind: Callable[..., Faulty], pieces: int, timeout_s: float, status: int | None, framed: bool
 ) -> None:
     body = b"y" * pieces * 10
     pause_s = 0.05
     trickle_s = pieces * pause_s  # 0.25 s: well inside its timeout; 20 s: far beyond its own
 
     async def trickle(received: Received, writer: asyncio.StreamWriter) -> bool:
-        whole = answer(200, body)
-        writer.write(whole[: len(whole) - len(body)])
+        if framed:
+            whole = answer(200, body)
+            writer.write(whole[: len(whole) - len(body)])
+        else:
+            writer.write(chunked_head(200))
         for i in range(pieces):
-            writer.write(body[i * 10 : (i + 1) * 10])
+            piece = body[i * 10 : (i + 1) * 10]
+            writer.write(piece if framed else chunk(piece))
             await writer.drain()
             await asyncio.sleep(pause_s)
+        if not framed:
+            writer.write(b"0\r\n\r\n")
         return True
 
     fault = behind(trickle, timeout_s=timeout_s)
     headers = {"Authorization": fault.creds.bearer("MEMBER")}
     started = time.monotonic()
     async with fault.session.get(fault.gateway.url + PLAIN, headers=headers) as response:
-        assert response.status == 200
         if status == 200:
+            assert response.status == 200
             assert await response.read() == body
+        elif framed:  # read whole, so the timeout is still the gateway's to answer
+            assert response.status == 504
+            assert response.headers["X-Gateway-Error"] == "UpstreamTimeout"
         else:
+            assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
-            # Cut at timeout_s, not when upstream ends.
-            assert time.monotonic() - started < (timeout_s + trickle_s) / 2
+        # Cut at timeout_s, not when upstream ends.
+        assert time.monotonic() - started < (timeout_s + trickle_s) / 2
     assert (await fault.trash()).status == 200
 
 

@@ -97,3 +97,11 @@ def test_downstream_drops_hop_by_hop_and_connection_named_headers() -> None:
     # A cookie upstream sets would stick to the gateway's address, for every route.
     for gone in ("Connection", "X-Private", "Keep-Alive", "Transfer-Encoding", "Set-Cookie"):
         assert gone not in out
+
+
+def test_generated_request_ids_are_32_hex_digits_and_do_not_repeat() -> None:
+    from gateway.headers import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]  # several refills of the pool
+    assert len(set(ids)) == len(ids)
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)

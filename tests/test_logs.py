@@ -179,3 +179,54 @@ def test_check_config_reports_a_bad_audit_log_like_every_key(tmp_path: Path) -> 
     line = CONFIG.count("\n") + 1
     expected = f"{path}:{line}: audit_log: the folder {path.parent}/nowhere does not exist\n"
     assert done.stderr == expected
+
+
+# --- access lines: gathered for one event-loop turn, written in whole atomic pieces -----------
+
+
+async def test_a_turns_access_lines_go_out_together_by_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    for n in range(3):
+        logs.access({"time": "t", "event": "access", "request_id": f"r{n}"})
+    assert writes == []  # the turn is not over
+    await asyncio.sleep(0)
+    (written,) = writes
+    assert [json.loads(line)["request_id"] for line in written.splitlines()] == ["r0", "r1", "r2"]
+
+
+async def test_no_write_passes_pipe_buf_and_every_write_holds_whole_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import select
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    for n in range(40):
+        logs.access({"time": "t", "event": "access", "request_id": f"r{n}", "pad": "x" * 300})
+    await asyncio.sleep(0)
+    assert len(writes) > 1 and all(len(w) <= select.PIPE_BUF for w in writes)
+    lines = [json.loads(line) for w in writes for line in w.splitlines()]  # each parses whole
+    assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(40)]
+
+
+async def test_an_event_goes_after_the_access_lines_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+    monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    logs.access({"time": "t", "event": "access", "request_id": "r1"})
+    logs.emit("reloaded", routes=1)
+    assert [json.loads(w)["event"] for w in writes] == ["access", "reloaded"]
+
+
+def test_without_a_running_loop_an_access_line_is_written_at_once(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    logs.access({"time": "t", "event": "access", "request_id": "r1"})
+    assert json.loads(capfd.readouterr().err)["request_id"] == "r1"

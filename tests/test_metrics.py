@@ -124,3 +124,80 @@ def test_a_lone_process_keeps_its_values_even_if_the_variable_is_set(tmp_path: P
     text = run_process("", {MULTIPROC_ENV: str(tmp_path)})
     assert requests_total(text) == 1
     assert os.listdir(tmp_path) == []  # nothing written for others to sum
+
+
+# --- sums kept between scrapes: exact whenever the registry is read -------------------------
+
+
+def test_sums_recorded_between_scrapes_equal_prometheus_own_observations() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    values = [0.0, 0.0005, 0.0004999, 0.00051, 0.01, 0.7, 30.0, 60.0, 61.0, 1e-9, 2.5]
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    duration = Histogram(
+        "gateway_request_duration_seconds", "", ("route",), buckets=LATENCY_BUCKETS,
+        registry=reference,
+    )  # fmt: skip
+    requests = Counter(
+        "gateway_requests_total", "", ("route", "method", "status"), registry=reference
+    )
+    for value in values:
+        metrics.request("r", "POST", 200, value)
+        duration.labels("r").observe(value)
+        requests.labels("r", "POST", "200").inc()
+
+    def samples(text: str, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == name]
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+
+    ours, theirs = generate_latest(metrics.registry).decode(), generate_latest(reference).decode()
+    for name in ("gateway_request_duration_seconds", "gateway_requests"):
+        assert samples(ours, name) == samples(theirs, name)
+
+
+def test_a_scrape_sees_every_request_recorded_before_it_and_the_requests_in_flight() -> None:
+    metrics = Metrics()
+    metrics.entered()
+    metrics.entered()
+    metrics.request("r", "GET", 200, 0.01)
+    metrics.left()
+    found = families(metrics)
+    assert found["gateway_in_flight_requests"][1] == [("gateway_in_flight_requests", {}, 1.0)]
+    assert ("gateway_requests_total", {"route": "r", "method": "GET", "status": "200"}, 1.0) in (
+        found["gateway_requests"][1]
+    )
+    metrics.request("r", "GET", 200, 0.01)  # and again: what a second scrape adds is exact too
+    counted = [s for s in families(metrics)["gateway_requests"][1] if s[0].endswith("_total")]
+    assert counted == [
+        ("gateway_requests_total", {"route": "r", "method": "GET", "status": "200"}, 2.0)
+    ]
+
+
+async def test_with_workers_the_files_catch_up_by_the_end_of_the_loop_turn(tmp_path: Path) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    def in_files() -> float:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        text = generate_latest(registry).decode()
+        return requests_total(text) if "gateway_requests_total" in text else 0
+
+    old = os.environ.get(MULTIPROC_ENV)
+    try:
+        metrics = Metrics(multiprocess_dir=str(tmp_path))
+        metrics.request("r", "POST", 200, 0.01)
+        metrics.request("r", "POST", 200, 0.01)
+        assert in_files() == 0  # summed, not yet written
+        await asyncio.sleep(0)
+        assert in_files() == 2  # one write for the turn's requests
+    finally:
+        from gateway.metrics import _keep_values
+
+        _keep_values(None)
+        if old is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = old

@@ -71,3 +71,18 @@ def test_whatever_passes_is_plain_and_unchanged(raw: str) -> None:
     assert path.startswith("/") and "//" not in path
     assert not set(path) & set("%\\#") and path.isascii()
     assert all(segment not in (".", "..") for segment in path.split("/"))
+
+
+@given(st.text(alphabet=st.sampled_from("/a.%#?\\ \x7f\x00é;=&"), max_size=40))
+def test_the_quick_path_and_the_full_check_agree(raw: str) -> None:
+    from gateway.target import _refuse
+
+    try:
+        quick: tuple[str, str] | str = split_target(raw)
+    except InvalidPath as exc:
+        quick = exc.message
+    try:
+        full: tuple[str, str] | str = _refuse(raw)
+    except InvalidPath as exc:
+        full = exc.message
+    assert quick == full

@@ -16,7 +16,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.transport import KINDS, AiohttpTransport, Answer, Failure, Outgoing, failure
+from gateway.transport import (
+    KINDS,
+    WHOLE_ANSWER_BYTES,
+    AiohttpTransport,
+    Answer,
+    Failure,
+    Outgoing,
+    failure,
+)
 
 KEY = ConnectionKey("upstream.test", 443, True, True, None, None, None, None)
 
@@ -128,11 +136,69 @@ async def test_no_answer_within_the_attempts_time_is_a_timeout(
     assert isinstance(failed.value.error, UpstreamTimeout)
 
 
-async def test_a_body_cut_short_is_a_failure_while_reading(
+async def test_a_whole_answer_cut_short_fails_the_attempt_itself(
     transport: AiohttpTransport, serve: Callable[[Handler], Awaitable[str]]
 ) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    # Nothing has reached the caller yet, so the handler can still answer 502.
+    with pytest.raises(Failure) as failed:
+        await transport.send(outgoing(await serve(handler)))
+    assert failed.value.kind in ("reset", "protocol") and failed.value.sent
+    assert isinstance(failed.value.error, UpstreamUnavailable)
+
+
+async def test_an_answer_up_to_the_bound_is_read_whole_a_longer_one_is_streamed(
+    transport: AiohttpTransport, serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * int(request.path.strip("/")))
+
+    base = await serve(handler)
+    for size, whole in ((WHOLE_ANSWER_BYTES, True), (WHOLE_ANSWER_BYTES + 1, False)):
+        got = Outgoing("GET", URL(f"{base}/{size}"), CIMultiDict(), None, 2.0, 1.0)
+        answer = await transport.send(got)
+        try:
+            assert (answer.body is not None) is whole
+            received = b""
+            while chunk := await answer.read(65536):
+                received += chunk
+            assert received == b"x" * size
+        finally:
+            answer.release()
+
+
+async def test_an_unframed_answer_is_streamed(
+    transport: AiohttpTransport, serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked: its length is not known in advance
+        await response.prepare(request)
+        await response.write(b"abc")
+        await response.write_eof()
+        return response
+
+    answer = await transport.send(outgoing(await serve(handler)))
+    try:
+        assert answer.body is None
+        assert await answer.read(1024) == b"abc" and await answer.read(1024) == b""
+    finally:
+        answer.release()
+
+
+async def test_a_streamed_body_cut_short_is_a_failure_while_reading(
+    transport: AiohttpTransport, serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    size = WHOLE_ANSWER_BYTES + 1000
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(size)})
         await response.prepare(request)
         await response.write(b"x" * 100)
         assert request.transport is not None

@@ -69,6 +69,15 @@ def replying(
 ok = replying(200)
 
 
+def chunked_head(status: int) -> bytes:
+    """The head of an answer whose length is not known in advance (chunked)."""
+    return f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
 async def reset(received: Received, writer: asyncio.StreamWriter) -> bool:
     """Close with an RST, not a FIN: what a crashed or killed peer looks like."""
     sock = writer.get_extra_info("socket")
