@@ -39,15 +39,17 @@ from __future__ import annotations
 
 import ssl
 from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import PlainValidator, ValidationInfo
 
 from gateway.identity import PeerCert
 from gateway.schema import Invalid, Loc, file_path, read_text, warn
+
+if TYPE_CHECKING:
+    # Imported where a certificate is read (at load, and by explain --cert) rather
+    # than here: cryptography's bindings cost a plain-HTTP worker about 7 MiB.
+    from cryptography import x509
 
 # Mozilla's "intermediate" TLS 1.2 list without the DHE suites: forward secret, AEAD only.
 TLS12_CIPHERS: Final = ":".join(
@@ -172,6 +174,8 @@ def read_certificates(path: str) -> list[x509.Certificate]:
             data = fh.read()
     except OSError as exc:
         raise TlsError(f"cannot read {path}: {exc.strerror}") from None
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -265,6 +269,9 @@ def ca_bundle(at: Loc) -> PlainValidator:
 def certificate_identity(cert: x509.Certificate) -> PeerCert:
     """The names a principal's ``cert:`` is matched against, read as
     ``getpeercert()`` gives them on a live connection (``identity.peer_cert``)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = tuple(names.get_values_for_type(x509.UniformResourceIdentifier))
@@ -283,6 +290,9 @@ def verify_client(chain: list[x509.Certificate], ca_file: str, now: datetime) ->
     client") that decide in practice: signatures, dates, extendedKeyUsage. The
     handshake itself stays the judge; a certificate OpenSSL refuses for a rarer
     reason (a CA without basicConstraints, say) is explained as if it passed."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     leaf = chain[0]
     try:
         usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -316,6 +326,8 @@ _MAX_CHAIN: Final = 8
 
 
 def _issuer(cert: x509.Certificate, candidates: list[x509.Certificate]) -> x509.Certificate | None:
+    from cryptography.exceptions import InvalidSignature
+
     for candidate in candidates:
         try:
             cert.verify_directly_issued_by(candidate)

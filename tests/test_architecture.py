@@ -14,10 +14,14 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 PACKAGE = Path(__file__).parent.parent / "gateway"
 # The modules a request passes through, from the handler down.
@@ -226,3 +230,19 @@ def test_only_the_commands_that_run_the_sandbox_import_it() -> None:
         and any(t == "gateway.sandbox" or t.startswith("gateway.sandbox.") for t in targets)
     }
     assert users == {"gateway.cli", "gateway.demo"}
+
+
+def test_a_plain_gateway_loads_no_tls_redis_or_tracing_library() -> None:
+    """Each costs a worker megabytes (cryptography alone about 7 MiB): loaded only by
+    a config that uses it (tls:, state.backend: redis, tracing:)."""
+    script = (
+        "import sys\n"
+        "from gateway import cli, config, service, supervisor\n"
+        "config.load('config/demo/gateway.yaml')\n"
+        "print(sorted(m for m in ('cryptography', 'redis', 'opentelemetry') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
