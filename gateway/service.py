@@ -250,6 +250,8 @@ async def _start(
     _handle_signals(stack, gateway, settings, stop, status, count=shared is None)
     if shared is None:  # a worker's supervisor watches the files for all of them
         _watch_files(stack, gateway, settings, status)
+    else:
+        _outlive_no_supervisor(stack, stop)
 
     proxy = _proxy_runner(gateway, settings)
     await proxy.setup()
@@ -270,6 +272,25 @@ async def _start(
     stack.callback(_begin_drain, gateway, "worker" if shared else "gateway")
     listening.set()
     return gateway, stop
+
+
+SUPERVISOR_CHECK_S = 1.0
+
+
+def _outlive_no_supervisor(stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
+    """A worker drains and exits once its supervisor is gone (killed with SIGKILL,
+    say): otherwise it would go on serving the port with a config nobody reloads,
+    its metrics summed by no one, and be left behind by every restart."""
+    supervisor = os.getppid()
+
+    async def watch() -> None:
+        while os.getppid() == supervisor:
+            await asyncio.sleep(SUPERVISOR_CHECK_S)
+        lifecycle("supervisor_gone", "worker", supervisor=supervisor)
+        stop.set()
+
+    task = asyncio.get_running_loop().create_task(watch())
+    stack.callback(task.cancel)
 
 
 def _proxy_runner(gateway: Gateway, settings: Settings) -> web.ServerRunner:

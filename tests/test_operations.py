@@ -792,6 +792,30 @@ async def test_workers_drain_even_when_signalled_twice(
     assert len(gw.events("worker_exited")) == 0  # drained, not restarted
 
 
+@pytest.mark.e2e
+async def test_workers_whose_supervisor_is_killed_drain_and_exit(
+    start_gateway: Callable[..., GatewayProc],
+) -> None:
+    gw = start_gateway(workers=2)
+    await poll(lambda: len(gw.worker_pids()) == 2)
+    workers = gw.worker_pids()
+    gw.proc.popen.kill()  # SIGKILL: the supervisor cannot pass anything on
+    gw.proc.popen.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # Each notices within a second and drains (shutdown_grace_s 5 at most).
+    await poll(lambda: not any(alive(pid) for pid in workers), timeout_s=20)
+    gone = gw.events("supervisor_gone")
+    assert sorted(e["pid"] for e in gone) == sorted(workers)
+    assert len(gw.events("stopped")) == 2
+
+
 # --- the audit log ---------------------------------------------------------------------------
 
 
