@@ -29,6 +29,11 @@ from support.configs import write_gateway_config as support_config  # noqa: E402
 
 RESTORE = "/crm-core/v1/records/bulk/restore"
 TRASH = "/crm-core/v1/records/trash"
+# Two internal HMAC keys every bench gateway knows (bench/abuse.py floods with one).
+HMAC_KEYS = {
+    "flood-svc": ("NCSBENCHFLOOD001", "bench-flood-secret-0123456789"),
+    "sdk-svc": ("NCSBENCHSDK00001", "bench-sdk-secret-0123456789"),
+}
 TRASH_ROUTE = f"""\
   - name: records-trash
     method: GET
@@ -108,6 +113,10 @@ def write_gateway_config(
         policy=ROLES_LINE
         + "principals:\n"
         + principal_yaml("bench-svc", "MEMBER", token=token)
+        + "".join(
+            principal_yaml(name, "MEMBER", hmac_key=key, hmac_secret=secret)
+            for name, (key, secret) in HMAC_KEYS.items()
+        )
         + "routes:\n"
         + RESTORE_ROUTE
         + TRASH_ROUTE,

@@ -230,7 +230,7 @@ def abuses(bench: Bench, normal: Path, rate: float, seconds: float) -> list[repo
         key = f"abuse-{scenario.name}"
         proc = bench.gateway(
             key, 1, upstream={"max_concurrent": abuse.MAX_CONCURRENT},
-            extra="send_timeout_s: 60\n",  # the attack outlasts the measurement
+            extra="send_timeout_s: 60\n" + scenario.config,  # the attack outlasts the run
         )  # fmt: skip
         victim = abuse.Victim(bench.ports[key], 0, proc.pid, TOKEN, abuse.MAX_CONCURRENT, bench.tmp)
         url = bench.url(key)
