@@ -85,6 +85,24 @@ def test_decision_path_for_a_10_id_request(benchmark: Any) -> None:
     assert decision.would_forward and decision.items is not None
 
 
+def test_decision_path_as_the_live_gateway_walks_it(benchmark: Any) -> None:
+    """The same walk with no explain steps recorded (``Decision(explain=False)``)."""
+    rules = policy()
+    verifier = verifier_for(rules)
+    headers = CIMultiDict({"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    raw = body(10)
+
+    def live() -> walk.Decision:
+        d = walk.Decision("POST", RESTORE, explain=False)
+        walk.locate(d, headers, rules)
+        walk.admit(d, headers, "127.0.0.1", rules, verifier, time.time())
+        walk.check_body(d, headers, raw, rules, 1 << 20)
+        return d
+
+    decision = benchmark(live)
+    assert decision.error is None and decision.items is not None and not decision.steps
+
+
 # --- tracing: what it costs a request when no tracing: key is configured ------------------
 # Nothing but one header lookup (and, with a traceparent, one regex match); the SDK is not
 # imported. Compare with test_decision_path_for_a_10_id_request: the whole walk.

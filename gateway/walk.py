@@ -229,8 +229,9 @@ def identify(
     replay memory's to say (gateway/state.py), before ``authorize``."""
     with d.step("identity") as note:
         caller = d.caller = identify_caller(headers, peer, policy, verifier, now, cert)
-        memory = "; a reused salt is known only to the running gateway" if caller.signed else ""
-        note(f"{caller.principal} (role {caller.role}, via {caller.via}{memory})")
+        if d.explain:  # (the live gateway records no step: no detail is built for it)
+            memory = "; a reused salt is known only to the running gateway" if caller.signed else ""
+            note(f"{caller.principal} (role {caller.role}, via {caller.via}{memory})")
 
 
 def refuse_identity(d: Decision, exc: GatewayError) -> NoReturn:
@@ -253,16 +254,21 @@ def authorize(d: Decision, policy: Policy) -> None:
             raise d.unrouted
         route = d.route
         assert route is not None
-        note(f"{route.name} ({route.method} {route.path})")
+        if d.explain:
+            note(f"{route.name} ({route.method} {route.path})")
     with d.step("role") as note:
         policy.authorize(route, caller.role)
-        note(f"{caller.role} is at least {route.min_role}")
+        if d.explain:
+            note(f"{caller.role} is at least {route.min_role}")
     with d.step("params") as note:
         policy.check_params(route, path)
-        note(", ".join(f"{name} matches" for name in route.params) or "none to check")
+        if d.explain:
+            note(", ".join(f"{name} matches" for name in route.params) or "none to check")
     with d.step("query") as note:
         given = policy.check_query(route, d.query)
-        if route.query is None:
+        if not d.explain:
+            pass
+        elif route.query is None:
             note("not checked (no query rule)")
         else:
             note(", ".join(f"{name} matches" for name in given) or "none given")
@@ -294,19 +300,24 @@ def check_body(
             batch.check_media(content_types, content_encodings)
             document = batch.parse_json(body, route.batch.structure_limit)
             d.items = batch.check_document(document, route.batch, route.allowed_fields)
-            note(f"{route.batch.field}: {len(d.items)} valid item(s), {len(body)} bytes")
+            if d.explain:
+                note(f"{route.batch.field}: {len(d.items)} valid item(s), {len(body)} bytes")
         elif route.rules and body:
             batch.check_media(content_types, content_encodings)
             document = batch.parse_json(body)
             if not isinstance(document, dict):
                 raise InvalidBody("The body must be a JSON object.")
-            note(f"a JSON object, {len(body)} bytes")
+            if d.explain:
+                note(f"a JSON object, {len(body)} bytes")
         else:
             batch.check_encoding(content_encodings)
-            note(f"{len(body)} bytes, not checked (no batch rule)")
+            if d.explain:
+                note(f"{len(body)} bytes, not checked (no batch rule)")
     with d.step("rules") as note:
         applied = policy.authorize_body(route, caller.role, document)
-        if not route.rules:
+        if not d.explain:
+            pass
+        elif not route.rules:
             note("none")
         elif not applied:
             note("none applies")
@@ -318,7 +329,9 @@ def check_body(
         too_big = limits.never_fits(found)
         if too_big is not None:
             raise limits.refusal(too_big, too_big.limit.tolerance_s)
-        if found:
+        if not d.explain:
+            pass
+        elif found:
             shown = "; ".join(charge.describe() for charge in found)
             note(f"{shown} [counted by the running gateway: whether room is left is its to say]")
         else:
