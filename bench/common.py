@@ -64,6 +64,17 @@ def wait_for(
     raise SystemExit(f"bench: {url} did not come up")
 
 
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    """Until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: port {port} did not open")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,16 @@ import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, free_port, machine, stop_all, wait_for, write_gateway_config, write_section
+from common import (
+    ROOT,
+    free_port,
+    machine,
+    stop_all,
+    wait_for,
+    wait_port,
+    write_gateway_config,
+    write_section,
+)
 
 DOC = ROOT / "docs" / "state.md"
 TOKEN = "bench-member-token"
@@ -71,16 +79,6 @@ def wrk(port: int, script: Path, conns: int, seconds: float) -> Run:
         float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
         errors,
     )
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"bench: port {port} did not open")
 
 
 def record_ids(n: int) -> list[str]:

@@ -79,19 +79,8 @@ def render(
         "",
         "### Throughput",
         "",
-        "| body | conns | target | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---:|---:|---:|---:|",
+        *render_throughput(labels, runs),
     ]
-    for n in BODIES:
-        for conns in CONNS:
-            for key, label in labels.items():
-                r = runs[(key, n, conns)]
-                lines.append(
-                    f"| {n} IDs | {conns} | {label} | {median(r, 'rps'):.0f} | "
-                    f"{median(r, 'p50_ms'):.2f} | {median(r, 'p99_ms'):.2f} | "
-                    f"{sum(x.errors for x in r)} |"
-                )
-    lines += ["", *render_ratios(runs)]
     lines += ["", "### Added latency at half of the gateway's capacity", ""]
     lines += [
         "Paced load (16 connections) at half of what (c1) managed above, against (c1) and",

@@ -37,14 +37,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import abuse
 import report
 import tail
-from common import RESTORE, ROOT, TRASH, free_port, rss_kib, stop_all, wait_for
+from common import RESTORE, ROOT, TRASH, free_port, rss_kib, stop_all, wait_for, wait_port
 from common import write_gateway_config as gateway_yaml
 from load import request_script, wrk
 from report import Paced, Runs
@@ -173,18 +172,6 @@ class Bench:
 
     def stop(self) -> None:
         stop_all(self.procs, self.tmp, 5)
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"bench: port {port} did not open")
 
 
 def throughput(bench: Bench, scripts: dict[int, Path], args: argparse.Namespace) -> dict[str, Any]:
