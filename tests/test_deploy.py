@@ -469,8 +469,10 @@ def test_the_shared_gateway_manifest_is_complete_and_its_config_loads(
     (tmp_path / "api_secret").write_text("s\n")
     monkeypatch.setenv("SOLAPI_API_KEY", "NCSK8SEXAMPLE001")
     monkeypatch.setenv("POD_IP", "10.1.2.3")
+    monkeypatch.setenv("SGW_REDIS_URL", "redis://:pw@redis:6379/0")
     settings = config.load(str(folder / PurePosixPath(args.config).name))
     assert settings.listen == config.Address("0.0.0.0", 8080)  # reached through the Service
+    assert settings.state.backend == "redis" and len(settings.policy.limits) == 3
     assert settings.admin_listen.host == "10.1.2.3"
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
     assert ports == {"proxy": settings.listen.port, "admin": settings.admin_listen.port}
