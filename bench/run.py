@@ -81,6 +81,8 @@ def trash_answer() -> str:
 class Bench:
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
+        # nginx's workers (user nobody when started as root) read the trash page here.
+        self.tmp.chmod(0o755)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.upstream_port = free_port()
         self.ports: dict[str, int] = {}

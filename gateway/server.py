@@ -232,11 +232,14 @@ class Gateway:
             walk.identify(decision, request.headers, entry.peer, policy, loaded.verifier, now, cert)
             # The shared state (gateway/state.py) answers what the pure walk cannot:
             # an HMAC caller's salt before the route step, the rate limits last.
-            await self.state.remember(decision, settings, self.metrics)
+            caller = decision.caller
+            if caller is not None and caller.signed is not None:  # (no coroutine otherwise)
+                await self.state.remember(decision, settings, self.metrics)
             walk.authorize(decision, policy)
             body = await read_body(request, limit, settings.body_timeout_s)
             walk.check_body(decision, request.headers, body, policy, limit)
-            await self.state.consume(decision, settings, self.metrics)
+            if decision.charges:
+                await self.state.consume(decision, settings, self.metrics)
         finally:
             self._note(entry, decision)
         assert decision.route is not None  # the walk passed every step

@@ -57,9 +57,7 @@ def test_the_compose_file_runs_three_replicas_on_one_redis_with_health_checks(
 def test_the_kubernetes_file_is_a_3_replica_deployment_on_a_redis_it_names(
     tmp_path: Path,
 ) -> None:
-    docs = list(
-        yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "shared.yaml").read_text())
-    )
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "shared.yaml").read_text()))
     kinds = {doc["kind"]: doc for doc in docs if doc}
     assert set(kinds) >= {"ConfigMap", "Deployment", "Service"}
     deployment = kinds["Deployment"]
