@@ -268,3 +268,18 @@ def test_the_layout_names_every_module_and_only_those() -> None:
     listed = set(re.findall(r"^\| `([\w/.]+)` \|", section, re.M))
     modules = {p.name for p in (REPO / "gateway").glob("*.py")} | {"sandbox/"}
     assert listed == modules, (modules - listed, listed - modules)
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    """THREAT_MODEL.md proves each defence by naming tests: a renamed one must not
+    leave its defence unproven."""
+    text = (REPO / "THREAT_MODEL.md").read_text()
+    named = set(re.findall(r"(test_[a-z0-9_]+\.py)::([A-Za-z0-9_]+)", text))
+    assert named, "THREAT_MODEL.md names no test"
+    missing = [
+        f"{file}::{name}"
+        for file, name in sorted(named)
+        if not (REPO / "tests" / file).exists()
+        or f"def {name}(" not in (REPO / "tests" / file).read_text()
+    ]
+    assert not missing, missing
