@@ -375,9 +375,9 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
     chunks: list[bytes] = []
     size = 0
     try:
-        if content.is_eof() and not protocol.expects_continue(request):
+        if content.is_eof():
             # All of it came with the headers (every body-less request, most small
-            # ones): take it as it is, without a timer.
+            # ones): take it as it is, without a timer (nor a 100 Continue to send).
             body = content.read_nowait(-1)
             if content.at_eof():
                 if len(body) > limit:
