@@ -72,28 +72,23 @@ class _Table:
         self.used = 0
         self.per_key: dict[str, int] = {}
 
-    def __contains__(self, fp: int) -> bool:
+    def _probe(self, fp: int) -> int:
+        """The slot holding ``fp``, or the empty slot where it would go."""
         slots, mask = self.slots, self.mask
         i = fp & mask
-        while True:
-            value = slots[i]
-            if value == fp:
-                return True
-            if value == 0:
-                return False
+        while (value := slots[i]) != fp and value != 0:
             i = (i + 1) & mask
+        return i
+
+    def __contains__(self, fp: int) -> bool:
+        return self.slots[self._probe(fp)] == fp
 
     def add(self, fp: int, api_key: str) -> bool:
         """Add ``fp``; False if it was there already."""
-        slots, mask = self.slots, self.mask
-        i = fp & mask
-        while True:
-            value = slots[i]
-            if value == fp:
-                return False
-            if value == 0:
-                break
-            i = (i + 1) & mask
+        slots = self.slots
+        i = self._probe(fp)
+        if slots[i] == fp:
+            return False
         slots[i] = fp
         self.used += 1
         self.per_key[api_key] = self.per_key.get(api_key, 0) + 1
