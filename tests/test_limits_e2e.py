@@ -29,7 +29,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import Creds, GatewayProc, SandboxProc, free_port
+from support import (
+    Creds,
+    GatewayProc,
+    SandboxProc,
+    free_port,
+    ids_body,
+    random_id,
+    sample,
+)
 from support.procs import START_TIMEOUT_S
 
 from gateway.signing import Secret, authorization, format_date, new_salt
@@ -163,8 +171,7 @@ def sdk(key: str = KEY_A, secret: str = SECRET_A) -> dict[str, str]:
 
 
 def ids(n: int) -> bytes:
-    items = ", ".join(f'"CRMRC{i:016d}{secrets.token_hex(6)[:11]}"' for i in range(n))
-    return f'{{"recordIds": [{items}]}}'.encode()
+    return ids_body([random_id() for _ in range(n)])
 
 
 async def status(
@@ -172,12 +179,6 @@ async def status(
 ) -> int:
     method = "POST" if "data" in kwargs else "GET"
     return (await gateway.send(session, method, path, **kwargs)).status
-
-
-def metric(gateway: GatewayProc, name: str) -> float:
-    _, body = gateway.admin("/metrics")
-    lines = [ln for ln in body.decode().splitlines() if ln.startswith(name)]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
 async def test_three_replicas_share_one_replay_memory_and_one_limit(
@@ -218,7 +219,9 @@ async def test_three_replicas_share_one_replay_memory_and_one_limit(
     assert refused.headers["RateLimit-Policy"] == '"per-service";q=5;w=5'
     assert refused.headers["RateLimit"].startswith('"per-service";r=0;t=')
     total = sum(
-        metric(g, 'gateway_rate_limited_total{limit="per-service",route="records-trash"}')
+        sample(
+            g.metrics(), "gateway_rate_limited_total", limit="per-service", route="records-trash"
+        )
         for g in (a, b, c)
     )
     assert total >= 30 - passed
@@ -280,8 +283,9 @@ async def test_redis_killed_or_stalled_costs_hmac_callers_a_503_and_comes_back_b
             assert time.monotonic() < deadline, "the gateway did not recover"
             await asyncio.sleep(0.1)
 
-    assert metric(gateway, 'gateway_state_errors_total{op="replay"}') >= 2
-    assert metric(gateway, 'gateway_state_errors_total{op="limits"}') >= 2
+    errors = gateway.metrics()
+    assert sample(errors, "gateway_state_errors_total", op="replay") >= 2
+    assert sample(errors, "gateway_state_errors_total", op="limits") >= 2
     events = [e["event"] for e in gateway.events()]
     assert "state_unavailable" in events and "state_recovered" in events
     assert own_redis.password not in gateway.proc.stderr_text()
